@@ -1,0 +1,390 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML plus dotted command-line overrides.
+
+Every option is a field with a ``help`` string, so ``mlpmem <stage> --help`` lists them all as
+``--section.field``. Values are type-checked and range-checked on construction; a bad value raises
+:class:`ConfigError` naming the flag to fix (``--train.lr``), never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range. The message names the flag."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    """A dataclass field with help text (and optional allowed values) for the CLI."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("default", "Base LM: 'default' (offline SmolLM2-135M), a hub id, a local directory, or a .gguf file.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: str = opt("bf16", "Weights dtype for inference.", ("fp32", "bf16", "fp16"))
+    device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (off: only transformers' own classes).")
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.name), f"{p}.name", "must not be empty")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"{p}.device", f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("default", "Corpus: 'default' (offline Wikipedia leads), a .txt/.jsonl file or a directory of "
+                      "them, or 'hf:NAME[:CONFIG]' for a Hugging Face dataset (local save_to_disk dirs work too).")
+    text_field: str = opt("text", "Field holding the text in JSONL records and HF datasets.")
+    doc_per: str = opt("auto", "Plain-text files: one document per 'line' or per 'file' ('auto': per file in a "
+                       "directory, per line for a single file).", ("auto", "line", "file"))
+    validation_fraction: float = opt(0.05, "Fraction of documents held out for validation when the source has no splits.")
+    test_fraction: float = opt(0.05, "Fraction of documents held out for test when the source has no splits.")
+    seed: int = opt(42, "Seed of the document shuffle that assigns splits.")
+    max_train_tokens: int | None = opt(None, "Keep only the first N train tokens (whole documents); None keeps all.")
+    max_eval_tokens: int | None = opt(None, "Keep only the first N validation/test tokens; None keeps all.")
+
+    def validate(self, p: str) -> None:
+        for name in ("validation_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")
+        _check(self.validation_fraction + self.test_fraction < 1.0, f"{p}.test_fraction",
+               "validation_fraction + test_fraction must leave documents for train")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            v = getattr(self, name)
+            _check(v is None or v >= 2, f"{p}.{name}", f"must be >= 2 or null, got {v}")
+
+
+@dataclass
+class WindowConfig:
+    context: int = opt(1024, "Tokens of input per window (extraction and evaluation).")
+    stride: int = opt(512, "Tokens newly scored per window; each stored/scored position sees >= context - stride "
+                      "tokens of context except at the start of a stream.")
+    batch_size: int = opt(8, "Windows per forward pass.")
+
+    def validate(self, p: str) -> None:
+        _check(self.context >= 2, f"{p}.context", f"must be >= 2, got {self.context}")
+        _check(1 <= self.stride <= self.context, f"{p}.stride", f"must be in [1, context={self.context}], got {self.stride}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ExtractConfig:
+    hook: str = opt("auto", "Module whose output is the key, as 'module.path' or 'module.path:input'. 'auto': the "
+                    "pre-FFN norm of decoder layer `layer` (GPT-2 ln_2, Llama post_attention_layernorm).")
+    layer: int = opt(-1, "Decoder layer for hook 'auto' (-1: the last).")
+    shards: int = opt(1, "Shards of the datastore (one per process under torchrun; more allows resuming finer).")
+
+    def validate(self, p: str) -> None:
+        _check(self.shards >= 1, f"{p}.shards", f"must be >= 1, got {self.shards}")
+
+
+@dataclass
+class IndexConfig:
+    factory: str = opt("auto", "FAISS index factory string ('Flat', 'IVF4096,PQ64', ...). 'auto': Flat below "
+                       "200K keys, else IVF<~4*sqrt(N)>,PQ64.")
+    train_size: int = opt(1_000_000, "Keys sampled (seeded) to train the index.")
+    add_chunk: int = opt(1_000_000, "Keys added per chunk.")
+    nprobe: int = opt(32, "IVF lists searched per query.")
+    use_gpu: str = opt("auto", "Build/search on GPU: auto (if faiss has GPUs), yes, no.", ("auto", "yes", "no"))
+    recall_queries: int = opt(500, "Sampled real keys used to report recall@k against exact search.")
+
+    def validate(self, p: str) -> None:
+        _check(self.train_size >= 1, f"{p}.train_size", "must be >= 1")
+        _check(self.add_chunk >= 1, f"{p}.add_chunk", "must be >= 1")
+        _check(self.nprobe >= 1, f"{p}.nprobe", "must be >= 1")
+
+
+@dataclass
+class KnnConfig:
+    k: int = opt(1024, "Neighbours retrieved per query.")
+    temperature: float = opt(16.0, "Softmax temperature over -distance for the training targets.")
+    distances: str = opt("index", "'index': distances as the index returns them (PQ-approximate for IVFPQ); "
+                         "'exact': recomputed from the stored fp16 keys.", ("index", "exact"))
+    query_batch: int = opt(2048, "Queries per search call.")
+    teacher_dir: str | None = opt(None, "Run directory of a teacher model (same tokenizer) whose datastore and index "
+                                  "supply the targets; None: this run's own.")
+
+    def validate(self, p: str) -> None:
+        _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
+        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.query_batch >= 1, f"{p}.query_batch", "must be >= 1")
+
+
+@dataclass
+class MemoryConfig:
+    num_blocks: int | None = opt(None, "Residual FFN blocks; None: the authors' rule, 1.5 x the base LM's layers.")
+    hidden_size: int | None = opt(None, "Memory width; None: the base LM's hidden size (else an input projection).")
+    intermediate_size: int | None = opt(None, "FFN inner size; None: the base LM's (GPT-2: 4 x width).")
+    dropout: float = opt(0.1, "Dropout in training (GPT-2 family blocks).")
+    init_head: str = opt("random", "'random' (normal 0.02) or 'lm': copy the base LM's output embedding and "
+                         "final norm.", ("random", "lm"))
+    temperature: float = opt(1.0, "Softmax temperature of the memory's logits at inference.")
+
+    def validate(self, p: str) -> None:
+        _check(self.num_blocks is None or self.num_blocks >= 1, f"{p}.num_blocks", "must be >= 1 or null")
+        _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
+        _check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    input: str = opt("offline", "'offline': read stored keys; 'online': run the frozen base LM and capture them.",
+                     ("offline", "online"))
+    alpha: float = opt(0.5, "Loss = alpha * KL(p_knn || p_mem) + (1 - alpha) * CE(gold).")
+    lr: float = opt(5e-4, "AdamW peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(2000, "Linear warm-up steps (then linear decay to 0).")
+    batch_size: int = opt(1024, "Positions per optimiser step (across all processes).")
+    epochs: float = opt(1.0, "Passes over the train positions (fractions allowed).")
+    max_steps: int | None = opt(None, "Stop after this many steps (overrides epochs).")
+    grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
+    bf16: bool = opt(True, "bf16 autocast for the memory forward/backward.")
+    eval_every: int = opt(200, "Steps between validation passes (checkpoint selection by validation loss).")
+    save_every: int = opt(200, "Steps between resumable checkpoints.")
+    val_positions: int = opt(20000, "Validation positions scored per validation pass.")
+    log_every: int = opt(20, "Steps between metric lines in metrics.jsonl.")
+
+    def validate(self, p: str) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"{p}.alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
+        _check(self.epochs > 0, f"{p}.epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", "must be >= 1 or null")
+        _check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0")
+        for n in ("eval_every", "save_every", "val_positions", "log_every"):
+            _check(getattr(self, n) >= 1, f"{p}.{n}", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = opt(["validation", "test"], "Splits to score; lambdas are tuned on 'validation'.")
+    systems: list[str] = opt(["base", "knn", "memory", "memory+knn"], "Systems: base, knn, memory, memory+knn "
+                             "(those whose artifacts are missing are skipped with a warning).")
+    lambdas: list[float] = opt([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0],
+                               "Interpolation weights swept on validation.")
+    knn_temperatures: list[float] = opt([1.0, 4.0, 8.0, 16.0, 32.0], "kNN-LM temperatures swept on validation.")
+    knn_k: int | None = opt(None, "Neighbours for kNN-LM evaluation; None: --knn.k.")
+    lam: float | None = opt(None, "Fix lambda instead of tuning it on validation.")
+    out_name: str = opt("eval", "Sub-directory of the run dir for results.")
+
+    def validate(self, p: str) -> None:
+        for s in self.splits:
+            _check(s in ("train", "validation", "test"), f"{p}.splits", f"unknown split {s!r}")
+        for s in self.systems:
+            _check(s in ("base", "knn", "memory", "memory+knn"), f"{p}.systems", f"unknown system {s!r}")
+        for lam in self.lambdas:
+            _check(0.0 <= lam <= 1.0, f"{p}.lambdas", f"each must be in [0, 1], got {lam}")
+        _check(all(t > 0 for t in self.knn_temperatures), f"{p}.knn_temperatures", "must be > 0")
+        _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = opt(["The history of the Roman Empire", "Photosynthesis is"], "Prompts to continue.")
+    max_new_tokens: int = opt(40, "Tokens generated per prompt.")
+    lam: float | None = opt(None, "Memory weight; None: the value tuned by eval (else 0.25).")
+    do_sample: bool = opt(False, "Sample instead of greedy decoding.")
+    num_beams: int = opt(1, "Beam width.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    side_by_side: bool = opt(True, "Print base and base+memory continuations together.")
+
+    def validate(self, p: str) -> None:
+        _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be >= 1")
+        _check(self.num_beams >= 1, f"{p}.num_beams", "must be >= 1")
+        _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
+
+
+@dataclass
+class BenchConfig:
+    sizes: list[int] = opt([10_000, 100_000, 1_000_000], "Datastore sizes (keys) for the inference benchmark.")
+    tokens: int = opt(2048, "Tokens scored per inference measurement.")
+    train_steps: int = opt(10, "Steps timed for the training-loss comparison.")
+
+    def validate(self, p: str) -> None:
+        _check(all(s >= 100 for s in self.sizes), f"{p}.sizes", "each must be >= 100")
+
+
+@dataclass
+class Config:
+    out_dir: str = opt("runs/demo", "Run directory: every stage writes its artifacts and manifest under it.")
+    seed: int = opt(42, "Global seed.")
+    threads: int | None = opt(None, "torch/faiss CPU threads (None: library default).")
+    force: bool = opt(False, "Redo a stage even if a matching complete manifest exists.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check(bool(self.out_dir), "out_dir", "must not be empty")
+        _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate(f.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _coerce(value: Any, tp: Any, flag: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp``; raise ConfigError naming ``flag``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(value, args[0], flag)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"--{flag}: expected a list, got {value!r}")
+        return [_coerce(v, item, flag) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"--{flag}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{flag}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{flag}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--{flag}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp} for {flag}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        flag = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"--{flag}: unknown option (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"--{flag}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{flag}.")
+        else:
+            v = _coerce(value, tp, flag)
+            choices = names[key].metadata.get("choices")
+            if choices and v not in choices:
+                raise ConfigError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {v!r}")
+            kwargs[key] = v
+    return cls(**kwargs) if cls is not Config else cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from an optional YAML file and ``{"train.lr": "1e-3"}``-style overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of sections")
+        tree = loaded
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    # validation of sub-sections happens inside Config.__post_init__, with section-prefixed flags
+    return _build(Config, tree, "")
+
+
+def iter_options(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted name, field, type) for every leaf option, for building CLI help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_options(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def save_config(cfg: Config, path: Path, sections: list[str] | None = None) -> None:
+    """Write the resolved config (or some sections) as YAML next to an artifact."""
+    from mlpmem.store import atomic_write_text
+
+    d = cfg.to_dict()
+    if sections is not None:
+        d = {k: d[k] for k in sections}
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
