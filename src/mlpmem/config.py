@@ -55,6 +55,8 @@ class DataConfig:
     text_field: str = opt("text", "Field holding the text in JSONL records and HF datasets.")
     doc_per: str = opt("auto", "Plain-text files: one document per 'line' or per 'file' ('auto': per file in a "
                        "directory, per line for a single file).", ("auto", "line", "file"))
+    separator: str = opt("auto", "Between documents: 'auto' (<|endoftext|> if in the vocab, else EOS), 'none' "
+                         "(for line-split corpora such as WikiText), or literal text.")
     validation_fraction: float = opt(0.05, "Fraction of documents held out for validation when the source has no splits.")
     test_fraction: float = opt(0.05, "Fraction of documents held out for test when the source has no splits.")
     seed: int = opt(42, "Seed of the document shuffle that assigns splits.")

@@ -1,0 +1,305 @@
+"""Corpus -> tokenized splits on disk, and the sliding-window plan shared by extraction and evaluation.
+
+Layout of ``<run>/data/<split>/``: ``tokens.npy`` (int32 flat stream), ``offsets.npy`` (int64, start of each
+document in the stream, plus the stream length at the end), ``manifest.json``.
+
+Documents of a split are laid out as one continuous stream with a separator between them (by default the
+tokenizer's document token, ``<|endoftext|>`` or EOS), as WikiText is evaluated: windows span document boundaries,
+so every position after the first ``context - stride`` tokens of the stream sees at least that much context,
+including the first tokens of short documents. Position ``t`` of a stream predicts token ``t + 1``; the datastore
+row ``t`` is that position, so row ids and stream positions are the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlpmem.config import Config, DataConfig
+from mlpmem.store import StageError, atomic_save_npy, fingerprint, invalidate, load_npy, require_manifest, \
+    should_skip, write_manifest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
+                  "val": "validation", "test": "test"}
+
+
+class CorpusError(ValueError):
+    """The corpus given by --data.source cannot be read or is empty."""
+
+
+# ----------------------------------------------------------------------------- window plan
+
+@dataclass(frozen=True)
+class Window:
+    """Input tokens ``[begin, end)``; the positions ``[score_from, end)`` are scored (position t predicts t+1)."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def plan_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """Sliding windows over a stream of ``n_tokens`` that score each of its ``n_tokens - 1`` positions exactly once.
+
+    Windows start every ``stride`` tokens and hold up to ``context`` tokens; a window scores only the positions the
+    previous one did not, so each scored position (after the first window) sees >= ``context - stride`` tokens of
+    context. The last input position is ``n_tokens - 2`` (its label is the last token).
+    """
+    if context < 1 or not 1 <= stride <= context:
+        raise ValueError(f"need 1 <= stride <= context, got context={context}, stride={stride}")
+    n_pos = n_tokens - 1
+    windows: list[Window] = []
+    prev_end = 0
+    begin = 0
+    while prev_end < n_pos:
+        end = min(begin + context, n_pos)
+        windows.append(Window(begin, end, prev_end))
+        prev_end = end
+        begin += stride
+    return windows
+
+
+def shard_windows(windows: list[Window], n_shards: int) -> list[list[Window]]:
+    """Split a plan into contiguous groups of windows of similar scored size (one per process/shard)."""
+    sizes = np.array([w.end - w.score_from for w in windows])
+    cum = np.cumsum(sizes)
+    total = int(cum[-1]) if len(cum) else 0
+    bounds = [int(np.searchsorted(cum, total * i / n_shards, side="right")) for i in range(1, n_shards)]
+    out, start = [], 0
+    for b in bounds + [len(windows)]:
+        b = max(b, start)
+        out.append(windows[start:b])
+        start = b
+    return out
+
+
+def batch_windows(tokens: np.ndarray, windows: list[Window], batch_size: int):
+    """Yield (input_ids int64 (B,T), attention_mask (B,T), windows) batches, right-padded to the longest window."""
+    import torch
+
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        T = max(w.end - w.begin for w in group)
+        ids = np.zeros((len(group), T), dtype=np.int64)
+        mask = np.zeros((len(group), T), dtype=np.int64)
+        for j, w in enumerate(group):
+            ids[j, : w.end - w.begin] = tokens[w.begin:w.end]
+            mask[j, : w.end - w.begin] = 1
+        yield torch.from_numpy(ids), torch.from_numpy(mask), group
+
+
+# ----------------------------------------------------------------------------- reading corpora
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"--data.source: {path} is not UTF-8 (bad byte at offset {e.start}); convert it with "
+                          f"e.g. `iconv -f latin1 -t utf-8 {path.name} > out.txt`") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"--data.source: {path} line {n} is not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or field not in rec:
+            raise CorpusError(f"--data.source: {path} line {n} has no field {field!r}; set --data.text_field")
+        docs.append(str(rec[field]))
+    return docs
+
+
+def _read_hf(spec: str, field: str) -> dict[str, list[str]]:
+    import datasets
+
+    name, _, conf = spec[3:].partition(":")
+    try:
+        if Path(name).exists():
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, conf or None)
+    except Exception as e:  # datasets raises many types; all mean "cannot get this dataset"
+        raise CorpusError(f"--data.source {spec}: could not load the dataset ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local save_to_disk directory "
+                          "or a hub dataset name (needs network).") from None
+    if isinstance(ds, datasets.Dataset):
+        ds = {"all": ds}
+    out: dict[str, list[str]] = {}
+    for split, d in ds.items():
+        if field not in d.column_names:
+            raise CorpusError(f"--data.source {spec}: split {split!r} has no column {field!r} "
+                              f"(columns: {d.column_names}); set --data.text_field")
+        key = _SPLIT_ALIASES.get(split, "all" if split == "all" else None)
+        if key is None:
+            log.warning("ignoring dataset split %r", split)
+            continue
+        out[key] = [str(t) for t in d[field]]
+    return out
+
+
+def read_corpus(dcfg: DataConfig) -> dict[str, list[str]]:
+    """Documents per split: {"all": [...]} when the source has no splits, else train/validation/test lists."""
+    src = dcfg.source
+    if src == "default":
+        from mlpmem.assets import default_corpus
+
+        return {"all": [d["text"] for d in default_corpus()]}
+    if src.startswith("hf:"):
+        return _read_hf(src, dcfg.text_field)
+    p = Path(src).expanduser()
+    if not p.exists():
+        raise CorpusError(f"--data.source {src}: no such file or directory (use 'default', a path, or hf:NAME)")
+    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".json") and f.is_file()) \
+        if p.is_dir() else [p]
+    if not files:
+        raise CorpusError(f"--data.source {src}: the directory holds no .txt or .jsonl files")
+    per = dcfg.doc_per if dcfg.doc_per != "auto" else ("file" if p.is_dir() else "line")
+    docs: list[str] = []
+    for f in files:
+        if f.suffix in (".jsonl", ".json"):
+            docs += _read_jsonl(f, dcfg.text_field)
+        elif per == "file":
+            docs.append(_read_text(f))
+        else:
+            docs += _read_text(f).splitlines()
+    return {"all": docs}
+
+
+def assign_splits(docs: dict[str, list[str]], dcfg: DataConfig) -> dict[str, list[str]]:
+    """Keep given splits; otherwise shuffle documents with the seed and cut validation/test fractions."""
+    clean = {k: [d for d in v if d.strip()] for k, v in docs.items()}
+    if not any(clean.values()):
+        raise CorpusError(f"--data.source {dcfg.source}: the corpus has no non-empty documents")
+    if "all" not in clean:
+        missing = [s for s in SPLITS if not clean.get(s)]
+        if "train" in missing:
+            raise CorpusError(f"--data.source {dcfg.source}: the dataset has no non-empty train split")
+        if missing:  # e.g. a dataset with train only: carve the missing splits out of train
+            log.warning("source has no %s split: carving it out of train with seed %d", missing, dcfg.seed)
+            carved = assign_splits({"all": clean["train"]}, dcfg)
+            return {s: clean[s] if clean.get(s) else carved[s] for s in SPLITS}
+        return {s: clean[s] for s in SPLITS}
+    all_docs = clean["all"]
+    n = len(all_docs)
+    order = np.random.default_rng(dcfg.seed).permutation(n)
+    n_val = int(round(n * dcfg.validation_fraction)) if dcfg.validation_fraction > 0 else 0
+    n_test = int(round(n * dcfg.test_fraction)) if dcfg.test_fraction > 0 else 0
+    n_val = max(n_val, 1 if dcfg.validation_fraction > 0 else 0)
+    n_test = max(n_test, 1 if dcfg.test_fraction > 0 else 0)
+    if n - n_val - n_test < 1:
+        raise CorpusError(f"--data.source {dcfg.source}: only {n} documents, too few for train/validation/test; "
+                          "add documents or lower --data.validation_fraction / --data.test_fraction")
+    val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    return {"train": [all_docs[i] for i in sorted(train_idx)],
+            "validation": [all_docs[i] for i in sorted(val_idx)],
+            "test": [all_docs[i] for i in sorted(test_idx)]}
+
+
+def separator_ids(tok, separator: str) -> list[int]:
+    """Token ids placed between documents: 'auto' = <|endoftext|> if the vocab has it, else EOS, else nothing."""
+    if separator == "none":
+        return []
+    if separator == "auto":
+        vocab = tok.get_vocab()
+        if "<|endoftext|>" in vocab:
+            return [vocab["<|endoftext|>"]]
+        return [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return list(tok(separator, add_special_tokens=False).input_ids)
+
+
+def tokenize_split(tok, docs: list[str], sep: list[int], max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32, offsets int64 (n_docs + 1)): documents joined by ``sep``, whole documents up to max_tokens."""
+    pieces, offsets, total = [], [], 0
+    batch = 256
+    for i in range(0, len(docs), batch):
+        for ids in tok(docs[i:i + batch], add_special_tokens=False).input_ids:
+            ids = (sep if pieces else []) + ids
+            if max_tokens is not None and total + len(ids) > max_tokens and pieces:
+                break
+            offsets.append(total + (len(sep) if pieces else 0))
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            total += len(ids)
+        else:
+            continue
+        break
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    if tokens.size and tokens.max() > np.iinfo(np.int32).max:
+        raise CorpusError("token ids exceed int32")
+    return tokens.astype(np.int32), np.asarray(offsets + [total], dtype=np.int64)
+
+
+def corpus_fingerprint(splits: dict[str, list[str]]) -> str:
+    h = hashlib.sha256()
+    for s in SPLITS:
+        h.update(s.encode())
+        for d in splits[s]:
+            h.update(hashlib.sha256(d.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stage
+
+def data_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "data"
+
+
+def run(cfg: Config) -> dict:
+    """Stage `prepare`: read, split and tokenize the corpus; write one directory per split plus a manifest."""
+    from mlpmem.lm import load_tokenizer, tokenizer_hash
+
+    out = data_dir(cfg)
+    tok = load_tokenizer(cfg.model)
+    t_hash = tokenizer_hash(tok)
+    t0 = time.time()
+    splits = assign_splits(read_corpus(cfg.data), cfg.data)
+    c_fp = corpus_fingerprint(splits)
+    fp = fingerprint("prepare", cfg.to_dict()["data"], t_hash, c_fp)
+    done = should_skip(out, "prepare", fp, cfg.force, "mlpmem prepare")
+    if done:
+        return done
+    invalidate(out)
+    sep = separator_ids(tok, cfg.data.separator)
+    counts = {}
+    for s in SPLITS:
+        limit = cfg.data.max_train_tokens if s == "train" else cfg.data.max_eval_tokens
+        tokens, offsets = tokenize_split(tok, splits[s], sep, limit)
+        if tokens.size < 2:
+            raise CorpusError(f"--data.source {cfg.data.source}: split {s!r} has fewer than 2 tokens")
+        atomic_save_npy(out / s / "tokens.npy", tokens)
+        atomic_save_npy(out / s / "offsets.npy", offsets)
+        counts[s] = {"tokens": int(tokens.size), "documents": int(len(offsets) - 1)}
+        log.info("prepare: %s: %d documents, %d tokens", s, len(offsets) - 1, tokens.size)
+    from mlpmem.config import save_config
+
+    save_config(cfg, out / "config.yaml", ["model", "data"])
+    return write_manifest(out, "prepare", fp, tokenizer_hash=t_hash, tokenizer_name=cfg.model.name,
+                          corpus_fingerprint=c_fp, separator=sep, counts=counts, source=cfg.data.source,
+                          seconds=round(time.time() - t0, 2))
+
+
+def load_split(cfg: Config, split: str, tokenizer_hash_expected: str | None = None) -> tuple[np.ndarray, dict]:
+    """(tokens int32, data manifest) of a prepared split; checks the tokenizer matches the model's."""
+    m = require_manifest(data_dir(cfg), "prepare", "mlpmem prepare")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    if tokenizer_hash_expected is not None and m["tokenizer_hash"] != tokenizer_hash_expected:
+        raise StageError(f"the corpus in {data_dir(cfg)} was prepared with another tokenizer "
+                         f"({m['tokenizer_name']}, hash {m['tokenizer_hash']}) than the model "
+                         f"{cfg.model.name} (hash {tokenizer_hash_expected}): rerun `mlpmem prepare --force` "
+                         "with the same --model.name")
+    tokens = load_npy(data_dir(cfg) / split / "tokens.npy", np.int32, m["counts"][split]["tokens"])
+    return tokens, m

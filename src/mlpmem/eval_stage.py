@@ -1,0 +1,98 @@
+"""Stage `eval`: load what exists (LM, memory, index), score the splits in one pass, tune, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mlpmem.config import Config, save_config
+from mlpmem.data import data_dir, load_split
+from mlpmem.evaluate import score_tokens, settle
+from mlpmem.lm import load_lm
+from mlpmem.report import plot_lambda, plot_training, results_table
+from mlpmem.store import atomic_write_json, atomic_write_text, fingerprint, read_manifest, should_skip, \
+    write_manifest
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict:
+    out = cfg.run_dir / cfg.eval.out_name
+    lm = load_lm(cfg.model)
+    systems = set(cfg.eval.systems)
+    data_m = read_manifest(data_dir(cfg)) or {}
+    memory, mem_meta, knn_scorer, knn_meta, hook = None, {}, None, {}, None
+    if systems & {"memory", "memory+knn"}:
+        from mlpmem.train import load_trained_memory
+
+        memory, mem_meta = load_trained_memory(cfg, lm)
+    if systems & {"knn", "memory+knn"}:
+        from mlpmem.retrieval import load_knn_scorer
+
+        knn_scorer, knn_meta = load_knn_scorer(cfg, lm)
+    if memory is not None or knn_scorer is not None:
+        from mlpmem.capture import resolve_hook
+
+        hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
+    fp = fingerprint("eval", lm.identity["fingerprint"], data_m.get("fingerprint"), cfg.to_dict()["eval"],
+                     cfg.to_dict()["window"], cfg.model.dtype, mem_meta.get("fingerprint"),
+                     knn_meta.get("fingerprint"), cfg.memory.temperature)
+    done = should_skip(out, "eval", fp, cfg.force, "mlpmem eval")
+    if done:
+        print(done["table"])
+        return done
+    scored = {}
+    for split in cfg.eval.splits:
+        tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
+        t0 = time.time()
+        scored[split] = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
+                                     hook=hook, memory=memory, mem_temperature=cfg.memory.temperature,
+                                     knn_scorer=knn_scorer, desc=f"eval {split}")
+        log.info("eval %s: %d tokens in %.1fs", split, scored[split].n, time.time() - t0)
+    results = settle(scored, cfg)
+    results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
+    results["model"] = lm.identity
+    results["data"] = {"source": cfg.data.source, "fingerprint": data_m.get("fingerprint")}
+    results["window"] = cfg.to_dict()["window"]
+    results["dtype"] = cfg.model.dtype
+    table = results_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", _markdown(results, table))
+    plot_lambda(results, out / "ppl_vs_lambda.png")
+    if memory is not None:
+        plot_training(cfg.run_dir / "memory" / "metrics.jsonl", out / "training.png")
+    save_config(cfg, out / "config.yaml")
+    print(table)
+    return write_manifest(out, "eval", fp, table=table, results="results.json")
+
+
+def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:
+    """Parameters, storage bytes and tokens/s per system (timed on the splits just scored)."""
+    n = sum(s.n for s in scored.values())
+    secs = {k: sum(s.seconds.get(k, 0.0) for s in scored.values()) for k in ("lm", "memory", "knn")}
+    tps = lambda *parts: n / max(sum(secs[p] for p in parts), 1e-9)  # noqa: E731
+    meta = {"base": {"params": lm.identity["n_params"], "tokens_per_s": tps("lm")}}
+    if mem_meta:
+        meta["memory"] = {"params": mem_meta["params"], "storage_bytes": mem_meta["bytes"],
+                          "tokens_per_s": tps("lm", "memory")}
+        meta["memory alone"] = dict(meta["memory"])
+    if knn_meta:
+        meta["knn"] = {"storage_bytes": knn_meta["bytes"], "tokens_per_s": tps("lm", "knn")}
+    if mem_meta and knn_meta:
+        meta["memory+knn"] = {"params": mem_meta["params"],
+                              "storage_bytes": mem_meta["bytes"] + knn_meta["bytes"],
+                              "tokens_per_s": tps("lm", "memory", "knn")}
+    return meta
+
+
+def _markdown(results: dict, table: str) -> str:
+    w = results["window"]
+    lines = [f"# mlpmem evaluation", "",
+             f"Model: {results['model']['name']} ({results['dtype']}); corpus: {results['data']['source']}; "
+             f"windows {w['context']}/{w['stride']}; settings tuned on {results['tuned_on']}.", "", table, "",
+             "Storage: memory = its parameters on disk; kNN-LM = keys + values + index. "
+             "tokens/s: measured in this evaluation pass (LM forward shared).", ""]
+    return "\n".join(lines)

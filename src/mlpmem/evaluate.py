@@ -1,0 +1,198 @@
+"""Stage `eval`: token-level sliding-window perplexity of the base LM, kNN-LM, the memory, and their mixtures.
+
+One forward pass of the base LM per window serves every system: for each scored position we keep only
+log p(gold) of each system (the LM, the memory at its temperature, the kNN distribution at each swept
+temperature). Perplexity of any mixture then follows exactly from those numbers, since
+
+    log p_mix(gold) = logaddexp(log(1 - lam) + log p_LM(gold), log lam + log p_other(gold)),
+
+so the lambda / temperature sweeps cost nothing extra and no (N, V) array is ever kept. Lambdas are tuned on
+validation and reported on test.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mlpmem.config import Config
+from mlpmem.data import batch_windows, plan_windows
+from mlpmem.lm import LoadedLM
+
+log = logging.getLogger(__name__)
+
+# (hidden (M, d) float32, gold (M,) int64) -> log p(gold) of shape (n_temperatures, M), float64
+KnnScorer = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
+
+
+@dataclass
+class Scored:
+    """Per-position log-probabilities of the gold token, for one split (M scored positions)."""
+
+    lm: np.ndarray                       # (M,) float64, base LM
+    mem: np.ndarray | None = None        # (M,) float64, memory alone
+    knn: np.ndarray | None = None        # (n_T, M) float64, kNN distribution per temperature
+    seconds: dict = field(default_factory=dict)  # time spent per component: lm, memory, knn
+
+    @property
+    def n(self) -> int:
+        return int(self.lm.shape[0])
+
+
+def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """log softmax(LM head(h))[gold] for (M, d) final hidden states, in chunks so no (M, V) tensor is kept."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    out = []
+    for i in range(0, final_hidden.shape[0], chunk):
+        z = head(final_hidden[i:i + chunk]).float()
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        out.append(z.log_softmax(-1).gather(-1, gold[i:i + chunk, None])[:, 0])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, batch_size: int,
+                 hook=None, memory=None, mem_temperature: float = 1.0, knn_scorer: KnnScorer | None = None,
+                 desc: str = "eval") -> Scored:
+    """Score every position of a token stream once with sliding windows; return per-position gold log-probs.
+
+    ``hook`` (a capture.HookPoint) is needed when a memory or kNN scorer is given: it is where their input
+    hidden state (the datastore key) is read, in the same forward pass as the LM's own prediction.
+    """
+    from mlpmem.capture import capture
+    from mlpmem.runtime import progress
+
+    model, dev = lm.model, lm.device
+    windows = plan_windows(len(tokens), context, stride)
+    need_hidden = memory is not None or knn_scorer is not None
+    lm_lp, mem_lp, knn_lp = [], [], []
+    secs = {"lm": 0.0, "memory": 0.0, "knn": 0.0}
+    n_pos = sum(w.end - w.score_from for w in windows)
+    bar = progress(total=n_pos, desc=desc, unit="tok")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    with torch.inference_mode():
+        for ids, mask, group in batch_windows(tokens, windows, batch_size):
+            t0 = time.perf_counter()
+            ids, mask = ids.to(dev), mask.to(dev)
+            # select the scored positions: (window j, offset i) with label = the next token
+            sel_b, sel_t = [], []
+            for j, w in enumerate(group):
+                r = np.arange(w.score_from - w.begin, w.end - w.begin)
+                sel_b.append(np.full(len(r), j))
+                sel_t.append(r)
+            sb = torch.from_numpy(np.concatenate(sel_b)).to(dev)
+            st = torch.from_numpy(np.concatenate(sel_t)).to(dev)
+            gold_np = np.concatenate([tokens[w.score_from + 1:w.end + 1] for w in group]).astype(np.int64)
+            gold = torch.from_numpy(gold_np).to(dev)
+            if need_hidden:
+                with capture(model, hook) as cap:
+                    final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+                keys = cap.value[sb, st].float()
+            else:
+                final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            lm_lp.append(head_logprobs_at(model, final[sb, st], gold).double().cpu().numpy())
+            t1 = time.perf_counter()
+            secs["lm"] += t1 - t0
+            if memory is not None:
+                z = memory(keys.to(next(memory.parameters()).dtype)).float() / mem_temperature
+                mem_lp.append(z.log_softmax(-1).gather(-1, gold[:, None])[:, 0].double().cpu().numpy())
+                t2 = time.perf_counter()
+                secs["memory"] += t2 - t1
+                t1 = t2
+            if knn_scorer is not None:
+                knn_lp.append(knn_scorer(keys, gold))
+                secs["knn"] += time.perf_counter() - t1
+            bar.update(len(gold_np))
+            bar.set_postfix(tok_s=f"{bar.n / max(sum(secs.values()), 1e-9):.0f}")
+    bar.close()
+    return Scored(lm=np.concatenate(lm_lp) if lm_lp else np.zeros(0),
+                  mem=np.concatenate(mem_lp) if mem_lp else None,
+                  knn=np.concatenate(knn_lp, axis=1) if knn_lp else None, seconds=secs)
+
+
+# ----------------------------------------------------------------------------- perplexity from gold log-probs
+
+def ppl(lp: np.ndarray) -> float:
+    """Token-weighted perplexity exp(mean NLL) from per-position gold log-probs."""
+    return float(np.exp(-lp.mean())) if lp.size else float("nan")
+
+
+def mix2(lm: np.ndarray, other: np.ndarray, lam: float) -> np.ndarray:
+    """log((1 - lam) p_lm + lam p_other), exact at lam = 0 and 1 (no log(0) arithmetic)."""
+    if lam == 0.0:
+        return lm
+    if lam == 1.0:
+        return other
+    return np.logaddexp(np.log1p(-lam) + lm, np.log(lam) + other)
+
+
+def mix3(lm: np.ndarray, mem: np.ndarray, knn: np.ndarray, lam_mem: float, lam_knn: float) -> np.ndarray:
+    """log((1 - lam_mem - lam_knn) p_lm + lam_mem p_mem + lam_knn p_knn)."""
+    parts = []
+    w_lm = 1.0 - lam_mem - lam_knn
+    for w, lp in ((w_lm, lm), (lam_mem, mem), (lam_knn, knn)):
+        if w > 1e-12:
+            parts.append(np.log(w) + lp)
+    return np.logaddexp.reduce(np.stack(parts), axis=0)
+
+
+def sweep(scored: Scored, cfg: Config) -> dict:
+    """Perplexity of every system at every swept setting: {system: [{"lam":..,"T":..,"ppl":..}, ...]}."""
+    e = cfg.eval
+    out: dict[str, list[dict]] = {"base": [{"ppl": ppl(scored.lm)}]}
+    if scored.knn is not None:
+        out["knn"] = [{"lam": lam, "T": T, "ppl": ppl(mix2(scored.lm, scored.knn[i], lam))}
+                      for i, T in enumerate(e.knn_temperatures) for lam in e.lambdas]
+    if scored.mem is not None:
+        out["memory"] = [{"lam": lam, "ppl": ppl(mix2(scored.lm, scored.mem, lam))} for lam in e.lambdas]
+    if scored.mem is not None and scored.knn is not None:
+        rows = []
+        for i, T in enumerate(e.knn_temperatures):
+            for lm_ in e.lambdas:
+                for lk in e.lambdas:
+                    if lm_ + lk <= 1.0 + 1e-9 and lm_ > 0 and lk > 0:
+                        rows.append({"lam_mem": lm_, "lam_knn": lk, "T": T,
+                                     "ppl": ppl(mix3(scored.lm, scored.mem, scored.knn[i], lm_, lk))})
+        out["memory+knn"] = rows
+    return out
+
+
+def best(rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: r["ppl"])
+
+
+def settle(scored_by_split: dict[str, Scored], cfg: Config) -> dict:
+    """Tune each system's settings on validation (or use --eval.lam) and report every split at those settings."""
+    sweeps = {s: sweep(sc, cfg) for s, sc in scored_by_split.items()}
+    tune_split = "validation" if "validation" in sweeps else next(iter(sweeps))
+    chosen = {}
+    for system, rows in sweeps[tune_split].items():
+        if system == "base":
+            chosen[system] = {}
+            continue
+        cand = rows
+        if cfg.eval.lam is not None and system in ("knn", "memory"):
+            cand = [r for r in rows if abs(r["lam"] - cfg.eval.lam) < 1e-9] or rows
+        pick = best(cand)
+        chosen[system] = {k: v for k, v in pick.items() if k != "ppl"}
+    if "memory" in sweeps[tune_split]:
+        chosen["memory alone"] = {"lam": 1.0}
+    results = {}
+    for split, sc in scored_by_split.items():
+        res = {}
+        for system, setting in chosen.items():
+            key = "memory" if system == "memory alone" else system
+            rows = sweeps[split][key]
+            match = [r for r in rows if all(abs(r.get(k, 0) - v) < 1e-9 for k, v in setting.items())]
+            if not match:  # --eval.lam outside the swept list
+                continue
+            res[system] = {**setting, "ppl": match[0]["ppl"]}
+        results[split] = {"tokens": sc.n, "systems": res, "seconds": sc.seconds}
+    return {"tuned_on": tune_split, "settings": chosen, "splits": results, "sweeps": sweeps}

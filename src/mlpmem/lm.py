@@ -1,0 +1,122 @@
+"""Loading the base LM and its tokenizer (default offline model, hub id, local directory, or .gguf file)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlpmem.config import ModelConfig
+from mlpmem.store import fingerprint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer named by --model.name could not be loaded."""
+
+
+@dataclass
+class LoadedLM:
+    model: torch.nn.Module
+    tokenizer: object
+    identity: dict  # name, revision, config hash, tokenizer hash, parameter count; recorded in manifests
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--model.device {name}: CUDA is not available on this machine; use auto or cpu")
+    return dev
+
+
+def _source(mcfg: ModelConfig) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) for the configured model name."""
+    if mcfg.name == "default":
+        from mlpmem.assets import default_model_dir
+
+        return str(default_model_dir()), {}
+    p = Path(mcfg.name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"--model.name {mcfg.name}: GGUF file not found")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists() and not p.is_dir():
+        raise ModelLoadError(f"--model.name {mcfg.name}: is a file but not a .gguf; pass a model directory, "
+                             "a .gguf file or a hub id")
+    if (p.is_absolute() or mcfg.name.startswith(".")) and not p.exists():
+        raise ModelLoadError(f"--model.name {mcfg.name}: no such directory")
+    return (str(p) if p.is_dir() else mcfg.name), ({"revision": mcfg.revision} if mcfg.revision else {})
+
+
+def tokenizer_hash(tok) -> str:
+    """Hash of the tokenizer's full definition (vocab, merges, normaliser): equal hashes = same token ids."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = repr(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_tokenizer(mcfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    src, kw = _source(mcfg)
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=mcfg.trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model.name {mcfg.name}: could not load its tokenizer ({str(e).splitlines()[0]}). "
+                             "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
+
+
+def model_identity(mcfg: ModelConfig, model, tok) -> dict:
+    cfg_json = model.config.to_json_string(use_diff=False)
+    # dtype-independent: the same checkpoint at fp32 or bf16 has the same identity (dtype recorded separately)
+    cfg_hash = hashlib.sha256(
+        "\n".join(line for line in cfg_json.splitlines() if "dtype" not in line).encode()).hexdigest()[:16]
+    name = mcfg.name
+    if name == "default":
+        from mlpmem.assets import DEFAULT_MODEL_ID
+
+        name = DEFAULT_MODEL_ID
+    ident = {
+        "name": name,
+        "revision": mcfg.revision,
+        "model_type": model.config.model_type,
+        "config_hash": cfg_hash,
+        "tokenizer_hash": tokenizer_hash(tok),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "hidden_size": model.config.get_text_config().hidden_size,
+        "vocab_size": model.get_output_embeddings().weight.shape[0],
+    }
+    ident["fingerprint"] = fingerprint(ident)
+    return ident
+
+
+def load_lm(mcfg: ModelConfig) -> LoadedLM:
+    """Load the base LM (frozen, eval mode) and its tokenizer onto the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    src, kw = _source(mcfg)
+    device = resolve_device(mcfg.device)
+    tok = load_tokenizer(mcfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=DTYPES[mcfg.dtype], trust_remote_code=mcfg.trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model.name {mcfg.name}: could not load the model ({str(e).splitlines()[0]}). "
+                             "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
+    model.to(device).eval().requires_grad_(False)
+    ident = model_identity(mcfg, model, tok)
+    log.info("loaded %s (%s, %.1fM params, %s on %s)", ident["name"], ident["model_type"],
+             ident["n_params"] / 1e6, mcfg.dtype, device)
+    return LoadedLM(model=model, tokenizer=tok, identity=ident, device=device)

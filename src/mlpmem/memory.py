@@ -1,0 +1,361 @@
+"""The MLP memory: a residual stack of the base LM family's own feed-forward blocks, without attention.
+
+    x <- in_proj(x)                    (only when the memory width differs from the LM hidden size)
+    x <- x + FFN(Norm(x))              L times
+    logits = head(Norm(x))             untied Linear(hidden -> vocab), no bias
+
+GPT-2 family: LayerNorm, Linear d->I, GELU (tanh), Linear I->d, dropout on the block output.
+Llama family (Llama/Mistral/Qwen): RMSNorm, down(silu(gate(h)) * up(h)), no biases.
+
+A checkpoint is a folder with ``model.safetensors`` and ``config.json``; the config alone rebuilds the module, so
+inference code never needs the training code (and nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FAMILIES = ("gpt2", "llama")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+# model_types known to use RMSNorm + SwiGLU without biases; others qualify by having the matching config fields
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class MLPMemoryConfig:
+    """Everything needed to rebuild an :class:`MLPMemory` (it is written verbatim to config.json).
+
+    ``meta`` is free-form identity (base model, hook point, tokenizer hash) that lets later stages refuse a memory
+    trained for another LM.
+    """
+
+    family: str
+    input_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_blocks: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: got {self.family!r}, expected one of {', '.join(FAMILIES)}")
+        for name in ("input_size", "hidden_size", "intermediate_size", "num_blocks", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MLPMemoryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"memory config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+
+def memory_config_for(
+    lm_config: Any,
+    num_blocks: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    dropout: float = 0.1,
+    meta: dict[str, Any] | None = None,
+) -> MLPMemoryConfig:
+    """Derive a memory config from a transformers ``PretrainedConfig`` of the base LM.
+
+    Defaults follow the authors: the LM's own FFN shape, and ``round(1.5 * num_hidden_layers)`` blocks (GPT-2
+    small/medium/large -> 18/36/54), which makes the memory about as large as its base LM. ``input_size`` is always
+    the LM hidden size (the memory reads the LM's hidden state); a different ``hidden_size`` adds an input projection.
+    """
+    cfg = lm_config.get_text_config() if hasattr(lm_config, "get_text_config") else lm_config
+    model_type = getattr(cfg, "model_type", None)
+    if model_type == "gpt2":
+        family, lm_hidden, layers = "gpt2", cfg.n_embd, cfg.n_layer
+        eps = cfg.layer_norm_epsilon
+        width = hidden_size or lm_hidden
+        # n_inner belongs to the LM's width; a wider/narrower memory keeps GPT-2's 4x ratio instead
+        lm_inner = cfg.n_inner if getattr(cfg, "n_inner", None) and width == lm_hidden else 4 * width
+    elif model_type in LLAMA_LIKE or (hasattr(cfg, "intermediate_size") and hasattr(cfg, "rms_norm_eps")):
+        family, lm_hidden, layers = "llama", cfg.hidden_size, cfg.num_hidden_layers
+        eps = cfg.rms_norm_eps
+        width = hidden_size or lm_hidden
+        lm_inner = cfg.intermediate_size
+    else:
+        raise ValueError(
+            f"lm_config: unsupported model_type {model_type!r}; supported: 'gpt2', {', '.join(map(repr, LLAMA_LIKE))} "
+            "or any config with intermediate_size and rms_norm_eps (RMSNorm + SwiGLU)"
+        )
+    if num_blocks is None:
+        num_blocks = max(1, int(round(1.5 * layers)))
+    identity = {"base_model_type": model_type, "base_name_or_path": getattr(lm_config, "_name_or_path", "") or ""}
+    identity.update(meta or {})
+    return MLPMemoryConfig(
+        family=family,
+        input_size=lm_hidden,
+        hidden_size=width,
+        intermediate_size=intermediate_size or lm_inner,
+        num_blocks=num_blocks,
+        vocab_size=cfg.vocab_size,
+        norm_eps=float(eps),
+        dropout=dropout,
+        meta=identity,
+    )
+
+
+class GPT2Block(nn.Module):
+    """x + dropout(fc2(gelu_tanh(fc1(LayerNorm(x)))))."""
+
+    def __init__(self, c: MLPMemoryConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def residual_proj(self) -> nn.Linear:
+        return self.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh")))
+
+
+class LlamaBlock(nn.Module):
+    """x + dropout(down(silu(gate(h)) * up(h))), h = RMSNorm(x); no biases, as in the Llama family."""
+
+    def __init__(self, c: MLPMemoryConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
+        self.gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def residual_proj(self) -> nn.Linear:
+        return self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.dropout(self.down(F.silu(self.gate(h)) * self.up(h)))
+
+
+class MLPMemory(nn.Module):
+    """Maps an LM hidden state (..., input_size) to next-token logits (..., vocab_size)."""
+
+    def __init__(self, config: MLPMemoryConfig):
+        super().__init__()
+        self.config = config
+        gpt2 = config.family == "gpt2"
+        self.in_proj = (
+            nn.Linear(config.input_size, config.hidden_size, bias=gpt2)
+            if config.input_size != config.hidden_size
+            else None
+        )
+        block = GPT2Block if gpt2 else LlamaBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.num_blocks))
+        self.norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+            if gpt2
+            else nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        )
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) weights, zero biases, unit norms; residual output projections scaled by 1/sqrt(2L).
+
+        The 1/sqrt(2L) scaling (GPT-2's) keeps the residual stream's variance from growing with depth, which matters
+        here because the authors' memories are deep (18-54 blocks).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        std = 0.02 / math.sqrt(2 * self.config.num_blocks)
+        for b in self.blocks:
+            nn.init.normal_(b.residual_proj().weight, mean=0.0, std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., input_size), any float dtype -> logits (..., vocab_size) in the computation dtype.
+
+        The input is cast to the parameter dtype first (keys are stored as float16, the memory may be float32);
+        under autocast the matmuls then run in the autocast dtype.
+        """
+        if x.shape[-1] != self.config.input_size:
+            raise ValueError(f"x: last dimension must be input_size={self.config.input_size}, got {tuple(x.shape)}")
+        x = x.to(self.head.weight.dtype)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically (temp sibling, then rename)."""
+        with atomic_directory(directory) as tmp:
+            write_pretrained(self, tmp)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> MLPMemory:
+        """Rebuild a memory from a folder written by :meth:`save_pretrained` (in eval mode)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {d} does not exist")
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (d / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint folder {d} is incomplete: missing {', '.join(missing)}")
+        try:
+            raw = json.loads((d / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint folder {d}: {CONFIG_NAME} is not valid JSON ({e})") from None
+        if raw.pop("architecture", None) != "MLPMemory":
+            raise ValueError(f"checkpoint folder {d}: {CONFIG_NAME} does not describe an MLPMemory")
+        version = raw.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"checkpoint folder {d}: format_version {version}, this mlpmem reads {FORMAT_VERSION}")
+        model = cls(MLPMemoryConfig.from_dict(raw))
+        try:
+            state = load_file(str(d / WEIGHTS_NAME), device=str(device))
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"checkpoint folder {d}: {WEIGHTS_NAME} is unreadable ({e})") from None
+        check_state_dict(model, state, where=str(d))
+        model.load_state_dict(state)
+        model.to(device=device, dtype=dtype)
+        return model.eval()
+
+
+def write_pretrained(memory: MLPMemory, directory: Path) -> None:
+    """Write the two checkpoint files into an existing directory (non-atomic; see save_pretrained)."""
+    # clone+contiguous: safetensors refuses shared or non-contiguous storage
+    state = {k: v.detach().contiguous().cpu() for k, v in memory.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    cfg = {"architecture": "MLPMemory", "format_version": FORMAT_VERSION, **memory.config.to_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """ValueError listing missing, unexpected and mis-shaped tensors of ``state`` against ``model``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    for k in sorted(set(expected) & set(state)):
+        if tuple(state[k].shape) != expected[k]:
+            problems.append(f"{k} has shape {tuple(state[k].shape)}, config implies {expected[k]}")
+    if problems:
+        raise ValueError(f"checkpoint {where} does not match its config.json: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target`` (an old one is removed).
+
+    A crash while writing leaves the old target untouched (plus a stray ``.name.tmp-*`` sibling). ``os.replace``
+    cannot overwrite a non-empty directory, so the old one is first renamed aside, which leaves a window of two
+    renames where ``target`` is absent; readers then see "missing", never a half-written folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old.rmdir()
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _lm_final_norm(lm_model: nn.Module) -> nn.Module:
+    base = getattr(lm_model, "base_model", lm_model)
+    for name in ("norm", "ln_f", "final_layernorm"):
+        m = getattr(base, name, None)
+        if isinstance(m, nn.Module) and getattr(m, "weight", None) is not None:
+            return m
+    raise ValueError(
+        f"lm_model: cannot find the final norm of {type(lm_model).__name__} (looked for base_model.norm / .ln_f / "
+        ".final_layernorm)"
+    )
+
+
+@torch.no_grad()
+def init_head_from_lm(memory: MLPMemory, lm_model: nn.Module) -> None:
+    """Copy the LM's output embedding into the memory head and its final norm into the memory's final norm.
+
+    The memory then starts out reading its last hidden state the way the LM reads its own, a warm start offered
+    as an option to measure against the random head.
+    """
+    emb = lm_model.get_output_embeddings()
+    if emb is None:
+        raise ValueError(f"lm_model: {type(lm_model).__name__} has no output embeddings")
+    w = emb.weight
+    if tuple(w.shape) != tuple(memory.head.weight.shape):
+        raise ValueError(
+            f"memory: head shape {tuple(memory.head.weight.shape)} (vocab, memory hidden_size) differs from the LM's "
+            f"output embedding {tuple(w.shape)}; init_head='lm' needs the same vocabulary and width"
+        )
+    norm = _lm_final_norm(lm_model)
+    if tuple(norm.weight.shape) != tuple(memory.norm.weight.shape):
+        raise ValueError(f"memory: final norm shape {tuple(memory.norm.weight.shape)} differs from the LM's "
+                         f"{tuple(norm.weight.shape)}")
+    lm_bias = getattr(norm, "bias", None)
+    mem_bias = getattr(memory.norm, "bias", None)
+    if (lm_bias is None) != (mem_bias is None):
+        raise ValueError(f"memory: family {memory.config.family!r} norm does not match the LM's "
+                         f"{type(norm).__name__} (bias present in one only)")
+    memory.head.weight.copy_(w)
+    memory.norm.weight.copy_(norm.weight)
+    if mem_bias is not None:
+        mem_bias.copy_(lm_bias)
+
+
+def memory_logprobs(memory: MLPMemory, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """hidden (..., input_size) -> float32 log_softmax(logits / temperature), shape (..., vocab_size)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    return torch.log_softmax(memory(hidden).float() / temperature, dim=-1)

@@ -1,0 +1,113 @@
+"""Results as a printed table, Markdown, and PNG plots (perplexity vs lambda; training curves)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_params(n: int | None) -> str:
+    return "-" if not n else (f"{n / 1e6:.1f}M" if n >= 1e5 else str(n))
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per system with its setting, params, storage, perplexities and tokens/s."""
+    splits = list(results["splits"])
+    header = ["system", "setting", "params", "storage"] + [f"{s} PPL" for s in splits] + ["tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = {s: results["splits"][s]["systems"].get("base", {}).get("ppl") for s in splits}
+    meta = results.get("systems_meta", {})
+    for system, setting in results["settings"].items():
+        st = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "-"
+        m = meta.get(system, {})
+        row = [system, st, _fmt_params(m.get("params")), _fmt_bytes(m.get("storage_bytes"))]
+        for s in splits:
+            p = results["splits"][s]["systems"].get(system, {}).get("ppl")
+            rel = f" ({100 * (p / base[s] - 1):+.1f}%)" if p and base[s] and system != "base" else ""
+            row.append(f"{p:.3f}{rel}" if p else "-")
+        tps = m.get("tokens_per_s")
+        row.append(f"{tps:,.0f}" if tps else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_lambda(results: dict, path: Path) -> None:
+    """Perplexity against lambda for kNN-LM (at the tuned T) and the memory, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(results["sweeps"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sw = results["sweeps"][split]
+        base = sw["base"][0]["ppl"]
+        ax.axhline(base, color="k", ls="--", lw=1, label=f"base {base:.2f}")
+        if "knn" in sw:
+            T = results["settings"]["knn"]["T"]
+            rows = sorted((r for r in sw["knn"] if r["T"] == T), key=lambda r: r["lam"])
+            ax.plot([r["lam"] for r in rows], [r["ppl"] for r in rows], "o-", label=f"+ kNN-LM (T={T:g})")
+        if "memory" in sw:
+            rows = sorted(sw["memory"], key=lambda r: r["lam"])
+            ax.plot([r["lam"] for r in rows], [r["ppl"] for r in rows], "s-", label="+ MLP memory")
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("perplexity")
+        ax.set_title(split)
+        lo = min(min(r["ppl"] for r in rows) for rows in sw.values())
+        ax.set_ylim(lo * 0.97, base * 1.25)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(metrics_jsonl: Path, path: Path) -> bool:
+    """Training and validation loss curves from metrics.jsonl; False when there is nothing to plot."""
+    if not metrics_jsonl.is_file():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_jsonl.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (val if r.get("split") == "validation" else train).append(r)
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "kl", "ce"):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=f"train {key}", alpha=0.8)
+    for key in ("loss", "kl", "ce"):
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o--", label=f"validation {key}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,78 @@
+"""Process-level set-up: rank/world, device, seeding, threads, logging, progress bars (rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> Dist:
+    """Rank and world size from torchrun's environment (single process when absent)."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed() -> Dist:
+    """Initialise torch.distributed under torchrun (nccl on GPU, gloo on CPU); a no-op for one process."""
+    d = dist_info()
+    if d.world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(d.local_rank)
+        torch.distributed.init_process_group(backend)
+    return d
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(n)
+        except ImportError:
+            pass
+
+
+def setup_logging(verbose: bool = False) -> None:
+    d = dist_info()
+    level = logging.DEBUG if verbose else (logging.INFO if d.is_main else logging.WARNING)
+    fmt = "%(asctime)s %(levelname).1s %(name)s" + (f" [rank {d.rank}]" if d.world_size > 1 else "") + ": %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(iterable=None, **kw):
+    """tqdm on rank 0 (disabled elsewhere and when MLPMEM_NO_PROGRESS is set)."""
+    from tqdm.auto import tqdm
+
+    disable = not dist_info().is_main or bool(os.environ.get("MLPMEM_NO_PROGRESS"))
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=2.0, **kw)

@@ -1,0 +1,16 @@
+"""Shared test set-up: tiny models run fastest on one thread (2 shared cores here); no progress bars."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MLPMEM_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
