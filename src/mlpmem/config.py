@@ -120,6 +120,8 @@ class KnnConfig:
     temperature: float = opt(16.0, "Softmax temperature over -distance for the training targets.")
     distances: str = opt("index", "'index': distances as the index returns them (PQ-approximate for IVFPQ); "
                          "'exact': recomputed from the stored fp16 keys.", ("index", "exact"))
+    store_ids: int = opt(128, "Distinct token ids stored per position (most probable first; the dropped mass is "
+                         "reported and the kept probabilities renormalised). >= k keeps everything.")
     query_batch: int = opt(2048, "Queries per search call.")
     teacher_dir: str | None = opt(None, "Run directory of a teacher model (same tokenizer) whose datastore and index "
                                   "supply the targets; None: this run's own.")
@@ -128,6 +130,7 @@ class KnnConfig:
         _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.query_batch >= 1, f"{p}.query_batch", "must be >= 1")
+        _check(self.store_ids >= 1, f"{p}.store_ids", "must be >= 1")
 
 
 @dataclass

@@ -60,6 +60,10 @@ class ConcatRows:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
     def __getitem__(self, idx):
         n = len(self)
         if isinstance(idx, (int, np.integer)):

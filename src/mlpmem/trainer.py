@@ -245,6 +245,7 @@ def train_memory(
     world_size: int = 1,
     rank: int = 0,
     on_step: Callable[[int], None] | None = None,
+    plan: BatchPlan | None = None,
 ) -> dict[str, Any]:
     """Train ``memory`` in place; resume from ``out_dir/last`` if present.
 
@@ -254,7 +255,8 @@ def train_memory(
     equals single-process training. Writes (rank 0 only) ``out_dir/metrics.jsonl``, the best
     model by validation loss in ``out_dir/best`` (+ ``best.json``), and a resumable ``out_dir/last`` every
     ``cfg.save_every`` steps and at the end. ``on_step(step)`` is called after each finished step (1-based, after
-    any checkpoint), e.g. to stop a run early in tests. Returns a summary dict.
+    any checkpoint), e.g. to stop a run early in tests. ``plan`` orders the rows (default: a seeded shuffle of
+    single rows; online training passes a window-grouped plan). Returns a summary dict.
     """
     train_rows = np.asarray(train_rows, dtype=np.int64)
     val_rows = np.asarray(val_rows, dtype=np.int64)[: cfg.val_positions]
@@ -267,7 +269,7 @@ def train_memory(
     out_dir = Path(out_dir)
     device = next(memory.parameters()).device
     total = total_steps(cfg, len(train_rows))
-    plan = BatchPlan(train_rows, cfg.batch_size, seed)
+    plan = plan or BatchPlan(train_rows, cfg.batch_size, seed)
     opt = _make_optimizer(memory, cfg)
     trajectory = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "save_every", "log_every")}
     fp = fingerprint(trajectory, seed, _rows_hash(train_rows), memory.config.to_dict())

@@ -1,0 +1,209 @@
+"""Stage `extract`: the kNN-LM datastore of the frozen base LM over the train split.
+
+Row t of the datastore is position t of the train stream: ``keys[t]`` = the hidden state captured at the hook
+point (default: the last decoder layer's pre-FFN norm output) while the LM reads token t with the window plan's
+context, and ``vals[t]`` = token t + 1 (the next token, int32). Rows are split into shards over contiguous
+window groups planned up front; under torchrun each process writes its own shards (nothing is gathered) and the
+manifest only lists them. Only the decoder body up to the hook runs: no LM head, no later layers.
+
+Resume: per shard, the number of finished windows is persisted after the keys are flushed; a rerun continues
+from there and produces files identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlpmem.capture import forward_hidden, resolve_hook
+from mlpmem.config import Config, save_config
+from mlpmem.data import batch_windows, data_dir, load_split, plan_windows, shard_windows
+from mlpmem.lm import LoadedLM, load_lm
+from mlpmem.runtime import barrier, dist_info, progress
+from mlpmem.store import Progress, StageError, atomic_write_json, create_memmap, fingerprint, invalidate, \
+    load_npy, read_manifest, require_manifest, shard_name, should_skip, write_manifest
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY = 8  # batches between checkpoints of a shard's progress
+
+
+def datastore_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "datastore"
+
+
+def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str) -> str:
+    data_fp = (read_manifest(data_dir(cfg)) or {}).get("fingerprint")
+    return fingerprint("extract", lm.identity["fingerprint"], data_fp, cfg.model.dtype, hook,
+                       cfg.window.context, cfg.window.stride, cfg.extract.shards)
+
+
+def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, shard: int, n_shards: int,
+                  batch_size: int, fp: str) -> dict:
+    """Write keys/vals of one shard (rows ``[windows[0].score_from, windows[-1].end)``); resumable."""
+    start, stop = windows[0].score_from, windows[-1].end
+    kpath, vpath = out / shard_name("keys", shard, n_shards), out / shard_name("vals", shard, n_shards)
+    prog = Progress(out / f".progress-{shard:05d}.json", fp)
+    vals = tokens[start + 1:stop + 1].astype(np.int32)  # value of row t is token t+1
+    vm = create_memmap(vpath, np.int32, (stop - start,))
+    vm[:] = vals
+    vm.flush()
+    keys = None
+    if prog.done:
+        keys = create_memmap(kpath, np.float16, (stop - start, _width(lm, hook)))
+    done_w = prog.done
+    bar = progress(total=stop - start, desc=f"extract shard {shard}", unit="tok")
+    bar.update(sum(w.end - w.score_from for w in windows[:done_w]))
+    t0, n_new = time.perf_counter(), 0
+    todo = windows[done_w:]
+    for bi, (ids, mask, group) in enumerate(batch_windows(tokens, todo, batch_size)):
+        with torch.inference_mode():
+            h = forward_hidden(lm.model, hook, ids.to(lm.device), mask.to(lm.device))
+        if keys is None:
+            keys = create_memmap(kpath, np.float16, (stop - start, h.shape[-1]))
+        for j, w in enumerate(group):
+            rows = h[j, w.score_from - w.begin:w.end - w.begin]
+            k16 = rows.to(torch.float16)
+            if not torch.isfinite(k16).all():
+                bad = w.score_from + int((~torch.isfinite(k16)).any(-1).nonzero()[0])
+                raise StageError(f"non-finite key at train position {bad} (float16 overflow or a NaN in the "
+                                 f"model at {hook}); use another --extract.hook or --model.dtype fp32")
+            keys[w.score_from - start:w.end - start] = k16.cpu().numpy()
+            n_new += w.end - w.score_from
+        done_w += len(group)
+        bar.update(sum(w.end - w.score_from for w in group))
+        bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.0f}")
+        if (bi + 1) % FLUSH_EVERY == 0 or done_w == len(windows):
+            keys.flush()
+            prog.update(done_w)
+    bar.close()
+    secs = time.perf_counter() - t0
+    info = {"shard": shard, "start": start, "stop": stop, "keys": kpath.name, "vals": vpath.name,
+            "seconds": round(secs, 2), "tokens_per_s": round(n_new / secs, 1) if secs > 0 else None}
+    atomic_write_json(out / f".shard-{shard:05d}.json", {"fingerprint": fp, **info})
+    prog.clear()
+    return info
+
+
+def _width(lm: LoadedLM, hook) -> int:
+    from mlpmem.capture import hook_width
+
+    return hook_width(lm.model, hook) or lm.identity["hidden_size"]
+
+
+def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
+    """Datastore over the train split, plus the keys of the first --train.val_positions validation positions
+    (the memory's validation inputs) in ``datastore/validation``."""
+    lm = lm or load_lm(cfg.model)
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
+    m = _extract_split(cfg, lm, hook, "train", datastore_dir(cfg.run_dir), None)
+    _extract_split(cfg, lm, hook, "validation", datastore_dir(cfg.run_dir) / "validation", cfg.train.val_positions)
+    return m
+
+
+def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None) -> dict:
+    dist = dist_info()
+    fp = fingerprint(extract_fingerprint(cfg, lm, str(hook)), split, max_positions)
+    done = should_skip(out, "extract", fp, cfg.force, "mlpmem extract")
+    if done:
+        return done
+    tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
+    if max_positions is not None:
+        tokens = tokens[: max_positions + 1]
+    windows = plan_windows(len(tokens), cfg.window.context, cfg.window.stride)
+    n_shards = max(cfg.extract.shards, dist.world_size) if split == "train" else 1
+    if n_shards % dist.world_size and split == "train":
+        raise StageError(f"--extract.shards {n_shards} must be a multiple of the {dist.world_size} processes")
+    groups = shard_windows(windows, n_shards)
+    if dist.is_main:
+        invalidate(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    mine = range(dist.rank, n_shards, dist.world_size) if split == "train" else ([0] if dist.is_main else [])
+    for s in mine:
+        marker = out / f".shard-{s:05d}.json"
+        sm = read_manifest_json(marker)
+        if sm and sm.get("fingerprint") == fp and (out / sm["keys"]).is_file() and not cfg.force:
+            log.info("extract: %s shard %d already complete", split, s)
+            continue
+        marker.unlink(missing_ok=True)
+        extract_shard(lm, hook, tokens, groups[s], out, s, n_shards, cfg.window.batch_size, fp)
+    barrier()
+    if not dist.is_main:
+        return {}
+    shards = [read_manifest_json(out / f".shard-{s:05d}.json") for s in range(n_shards)]
+    if any(sm is None or sm.get("fingerprint") != fp for sm in shards):
+        raise StageError(f"extract: some shards in {out} are missing; rerun `mlpmem extract`")
+    n = len(tokens) - 1
+    width = int(np.load(out / shards[0]["keys"], mmap_mode="r").shape[1])
+    secs = sum(sm["seconds"] for sm in shards)
+    save_config(cfg, out / "config.yaml", ["model", "window", "extract"])
+    return write_manifest(
+        out, "extract", fp, split=split, model=lm.identity, dtype=cfg.model.dtype, hook=str(hook), dim=width,
+        key_dtype="float16", val_dtype="int32", n_positions=n, window=cfg.to_dict()["window"],
+        data_fingerprint=(read_manifest(data_dir(cfg)) or {}).get("fingerprint"),
+        shards=[{k: sm[k] for k in ("start", "stop", "keys", "vals")} for sm in shards],
+        bytes=sum((out / sm["keys"]).stat().st_size + (out / sm["vals"]).stat().st_size for sm in shards),
+        tokens_per_s=round(n / secs, 1) if secs else None)
+
+
+def read_manifest_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+class Datastore:
+    """Read access to a finished datastore: shard memmaps of keys (float16) and vals (int32), by global row."""
+
+    def __init__(self, run_dir: Path, expect_model: dict | None = None, expect_hook: str | None = None,
+                 split: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.dir = datastore_dir(run_dir) if split == "train" else datastore_dir(run_dir) / split
+        self.manifest = m = require_manifest(self.dir, "extract", "mlpmem extract")
+        if expect_model is not None and m["model"]["fingerprint"] != expect_model["fingerprint"]:
+            raise StageError(f"the datastore in {self.dir} was built with model {m['model']['name']} "
+                             f"(fingerprint {m['model']['fingerprint']}), not {expect_model['name']} "
+                             f"({expect_model['fingerprint']}): rerun `mlpmem extract --force` or fix --model.name")
+        if expect_hook is not None and m["hook"] != expect_hook:
+            raise StageError(f"the datastore in {self.dir} holds keys from hook {m['hook']}, but the config names "
+                             f"{expect_hook}: rerun `mlpmem extract --force` or set --extract.hook {m['hook']}")
+        self.n, self.dim = m["n_positions"], m["dim"]
+        self.starts = np.array([s["start"] for s in m["shards"]] + [m["shards"][-1]["stop"]])
+        self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
+        self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"]) for s in m["shards"]]
+        for k in self.keys:
+            if k.ndim != 2 or k.shape[1] != self.dim:
+                raise StageError(f"a key shard in {self.dir} has shape {k.shape}, expected (rows, {self.dim}): "
+                                 "rerun `mlpmem extract --force`")
+
+    @property
+    def has_validation(self) -> bool:
+        m = read_manifest(datastore_dir(self.run_dir) / "validation")
+        return bool(m and m.get("complete"))
+
+    def validation(self) -> "Datastore":
+        return Datastore(self.run_dir, split="validation")
+
+    @property
+    def vals(self) -> np.ndarray:
+        """All values as one int32 array in memory (4 bytes per row)."""
+        if not hasattr(self, "_vals"):
+            self._vals = np.concatenate([np.asarray(v) for v in self.vals_shards])
+        return self._vals
+
+    def key_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Keys of arbitrary global rows, (len(rows), d) float16, in the order given."""
+        from mlpmem.index import ConcatRows
+
+        return ConcatRows(self.keys)[np.asarray(rows, dtype=np.int64)]
+
+    def offsets(self) -> list[int]:
+        return [int(x) for x in self.starts[:-1]]

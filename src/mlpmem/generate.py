@@ -1,0 +1,69 @@
+"""Stage `generate`: continuations of the base LM with and without the memory, through HF's own `generate`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from mlpmem.config import Config
+from mlpmem.joint import attach_memory
+from mlpmem.lm import LoadedLM, load_lm
+from mlpmem.store import StageError
+
+log = logging.getLogger(__name__)
+
+
+def tuned_lambda(cfg: Config) -> float:
+    """--generate.lam, else the memory lambda tuned by `mlpmem eval`, else 0.25 (the paper's WikiText value)."""
+    if cfg.generate.lam is not None:
+        return cfg.generate.lam
+    p = cfg.run_dir / cfg.eval.out_name / "results.json"
+    if p.is_file():
+        lam = json.loads(p.read_text()).get("settings", {}).get("memory", {}).get("lam")
+        if lam is not None:
+            return float(lam)
+    return 0.25
+
+
+def generate_texts(lm: LoadedLM, prompts: list[str], cfg: Config) -> list[str]:
+    """Batched, left-padded generation with the model's own `generate`; returns the continuations only."""
+    tok, g = lm.tokenizer, cfg.generate
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True).to(lm.device)
+    kw = dict(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, num_beams=g.num_beams,
+              pad_token_id=tok.pad_token_id)
+    if g.do_sample:
+        kw["temperature"] = g.temperature
+    with torch.inference_mode():
+        out = lm.model.generate(**enc, **kw)
+    return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def run(cfg: Config) -> dict:
+    from mlpmem.train import load_trained_memory
+
+    lm = load_lm(cfg.model)
+    memory, _ = load_trained_memory(cfg, lm)
+    if memory is None:
+        raise StageError(f"no trained memory in {cfg.run_dir / 'memory'}: run `mlpmem train` first")
+    lam = tuned_lambda(cfg)
+    torch.manual_seed(cfg.seed)
+    base = generate_texts(lm, cfg.generate.prompts, cfg) if cfg.generate.side_by_side else None
+    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=cfg.memory.temperature)
+    try:
+        torch.manual_seed(cfg.seed)
+        joint = generate_texts(lm, cfg.generate.prompts, cfg)
+    finally:
+        handle.detach()
+    rows = []
+    for i, p in enumerate(cfg.generate.prompts):
+        print(f"\n### {p}")
+        if base is not None:
+            print(f"[base]            {base[i].strip()}")
+        print(f"[+memory λ={lam:g}] {joint[i].strip()}")
+        rows.append({"prompt": p, "base": base[i] if base else None, "memory": joint[i], "lam": lam})
+    return {"generations": rows}
