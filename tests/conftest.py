@@ -1,11 +1,14 @@
 """Shared test set-up: tiny models run fastest on one thread (2 shared cores here); no progress bars."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("MLPMEM_NO_PROGRESS", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
 @pytest.fixture(autouse=True, scope="session")

