@@ -52,10 +52,15 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
     vm = create_memmap(vpath, np.int32, (stop - start,))
     vm[:] = vals
     vm.flush()
-    keys = None
-    if prog.done:
-        keys = create_memmap(kpath, np.float16, (stop - start, _width(lm, hook)))
-    done_w = prog.done
+    keys, done_w = None, prog.done
+    if done_w:
+        # Resume only onto the key file the killed run wrote; if it is gone or reshaped, start the shard over
+        # (reopening with a guessed width could silently zero the finished windows' keys).
+        keys = _reopen_keys(kpath, stop - start)
+        if keys is None:
+            log.warning("extract: %s is missing or unreadable; restarting shard %d from its first window",
+                        kpath.name, shard)
+            done_w = 0
     bar = progress(total=stop - start, desc=f"extract shard {shard}", unit="tok")
     bar.update(sum(w.end - w.score_from for w in windows[:done_w]))
     t0, n_new = time.perf_counter(), 0
@@ -89,20 +94,36 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
     return info
 
 
-def _width(lm: LoadedLM, hook) -> int:
-    from mlpmem.capture import hook_width
+def _reopen_keys(path: Path, rows: int) -> np.memmap | None:
+    """The partially written (rows, d) float16 key file of a killed run, opened for writing; None if unusable."""
+    from numpy.lib.format import open_memmap
 
-    return hook_width(lm.model, hook) or lm.identity["hidden_size"]
+    try:
+        mm = open_memmap(path, mode="r+")
+    except (OSError, ValueError, EOFError):
+        return None
+    return mm if mm.dtype == np.float16 and mm.ndim == 2 and mm.shape[0] == rows else None
 
 
 def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
     """Datastore over the train split, plus the keys of the first --train.val_positions validation positions
     (the memory's validation inputs) in ``datastore/validation``."""
     lm = lm or load_lm(cfg.model)
+    check_context(lm, cfg.window.context)
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     m = _extract_split(cfg, lm, hook, "train", datastore_dir(cfg.run_dir), None)
     _extract_split(cfg, lm, hook, "validation", datastore_dir(cfg.run_dir) / "validation", cfg.train.val_positions)
     return m
+
+
+def check_context(lm: LoadedLM, context: int) -> None:
+    """Refuse windows longer than the model's positions (GPT-2 would fail deep inside its position embedding)."""
+    cfg = lm.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and context > max_pos:
+        raise StageError(f"--window.context {context} exceeds the {max_pos} positions of {lm.identity['name']}; "
+                         f"use --window.context {max_pos} or less (and a --window.stride that fits)")
 
 
 def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None) -> dict:
@@ -119,6 +140,9 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     if n_shards % dist.world_size and split == "train":
         raise StageError(f"--extract.shards {n_shards} must be a multiple of the {dist.world_size} processes")
     groups = shard_windows(windows, n_shards)
+    if not all(groups):  # more shards than windows (or very uneven windows): a shard would hold no rows
+        raise StageError(f"--extract.shards {n_shards}: the {split} split has only {len(windows)} windows "
+                         f"({len(tokens)} tokens), too few for {n_shards} non-empty shards; use fewer shards")
     if dist.is_main:
         invalidate(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -177,8 +201,12 @@ class Datastore:
                              f"{expect_hook}: rerun `mlpmem extract --force` or set --extract.hook {m['hook']}")
         self.n, self.dim = m["n_positions"], m["dim"]
         self.starts = np.array([s["start"] for s in m["shards"]] + [m["shards"][-1]["stop"]])
-        self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
-        self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"]) for s in m["shards"]]
+        try:
+            self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
+            self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"])
+                                for s in m["shards"]]
+        except StageError as e:
+            raise StageError(f"damaged datastore: {e} (that stage is `mlpmem extract --force`)") from None
         for k in self.keys:
             if k.ndim != 2 or k.shape[1] != self.dim:
                 raise StageError(f"a key shard in {self.dir} has shape {k.shape}, expected (rows, {self.dim}): "

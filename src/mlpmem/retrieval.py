@@ -22,8 +22,8 @@ from mlpmem.index import build_index, exact_search, load_index, recall_at_k, res
 from mlpmem.knn import compute_targets, knn_gold_logprobs, recompute_distances, renormalise_float16, \
     sparse_knn_distribution
 from mlpmem.runtime import barrier, dist_info
-from mlpmem.store import Progress, StageError, create_memmap, fingerprint, invalidate, load_npy, require_manifest, \
-    shard_name, should_skip, write_manifest
+from mlpmem.store import Progress, StageError, create_memmap, fingerprint, invalidate, load_npy, read_manifest, \
+    require_manifest, shard_name, should_skip, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def run_index(cfg: Config) -> dict:
     index = build_index(ds.keys, spec, cfg.index.train_size, cfg.index.add_chunk, cfg.seed, cfg.index.use_gpu)
     build_s = time.perf_counter() - t0
     save_index(index, out / "index.faiss")
-    recall, k_rec = 1.0, min(cfg.knn.k, ds.n)
+    recall, id_recall, k_rec = 1.0, 1.0, min(cfg.knn.k, ds.n)
     if spec != "Flat":  # recall of the approximate index against exact search, on sampled real keys
         rows = np.sort(np.random.default_rng(cfg.seed + 1).choice(ds.n, min(cfg.index.recall_queries, ds.n),
                                                                   replace=False))
@@ -69,16 +69,31 @@ def run_index(cfg: Config) -> dict:
         t1 = time.perf_counter()
         _, I = search(index, xq, k_rec)
         approx_qps = len(rows) / (time.perf_counter() - t1)
-        _, I_ex = exact_search(ds.keys, xq, k_rec)
-        recall = recall_at_k(I, I_ex)
+        D_ex, I_ex = exact_search(ds.keys, xq, k_rec)
+        recall = _recall_with_ties(ds, xq, I, D_ex)
+        id_recall = recall_at_k(I, I_ex)
         log.info("index: recall@%d = %.3f at nprobe %d (%.0f q/s)", k_rec, recall, cfg.index.nprobe, approx_qps)
     save_config(cfg, out / "config.yaml", ["index", "knn"])
     m = write_manifest(out, "index", fp, factory=spec, ntotal=int(index.ntotal), dim=ds.dim,
                        datastore_fingerprint=ds.manifest["fingerprint"], build_seconds=round(build_s, 2),
-                       recall_at_k={"k": k_rec, "nprobe": cfg.index.nprobe, "recall": recall},
+                       recall_at_k={"k": k_rec, "nprobe": cfg.index.nprobe, "recall": recall,
+                                    "id_recall": id_recall},
                        bytes=(out / "index.faiss").stat().st_size)
     barrier()
     return m
+
+
+def _recall_with_ties(ds: Datastore, xq: np.ndarray, I: np.ndarray, D_ex: np.ndarray) -> float:
+    """recall@k that counts a retrieved key as correct when its true distance is within the exact k-th distance.
+
+    Plain id recall is below 1 even for an exhaustive search as soon as keys tie at the k-th distance (repeated
+    text gives identical keys), since FAISS and the exact search break ties differently; any tie member is an
+    equally good neighbour. True distances of the retrieved ids are recomputed from the stored keys.
+    """
+    d_true = recompute_distances(ds.keys, xq, I)  # +inf where I < 0
+    kth = D_ex[:, -1:].astype(np.float64)
+    ok = d_true <= kth * (1 + 1e-4) + 1e-4  # float32 rounding: exact_search expands |q|^2 + |x|^2 - 2 q.x
+    return float(np.mean(ok.sum(1) / D_ex.shape[1]))
 
 
 def open_index(run_dir: Path, nprobe: int):
@@ -93,9 +108,10 @@ def run_targets(cfg: Config) -> dict:
     dist = dist_info()
     kc = cfg.knn
     teacher = Path(kc.teacher_dir) if kc.teacher_dir else cfg.run_dir
+    own = teacher.resolve() == cfg.run_dir.resolve()
     ds = Datastore(teacher)
-    student = Datastore(cfg.run_dir) if teacher != cfg.run_dir else ds
-    if teacher != cfg.run_dir:
+    student = ds if own else Datastore(cfg.run_dir)
+    if not own:
         _check_teacher(ds, student)
     index, im = open_index(teacher, cfg.index.nprobe)
     if im["datastore_fingerprint"] != ds.manifest["fingerprint"]:
@@ -142,6 +158,7 @@ def run_targets(cfg: Config) -> dict:
         distances=kc.distances, n_positions=ds.n, shards=[
             {"start": sh["start"], "stop": sh["stop"], "ids": shard_name("ids", s, len(shards)),
              "probs": shard_name("probs", s, len(shards))} for s, sh in enumerate(shards)],
+        datastore_fingerprint=student.manifest["fingerprint"],
         validation=val_stats.get("n", 0), stats={str(k): v for k, v in stats.items()},
         queries_per_s=float(np.mean(qps)) if qps else None, bytes=n_bytes,
         bytes_per_position=K * (4 + 2))
@@ -151,10 +168,17 @@ def _check_teacher(teacher: Datastore, student: Datastore) -> None:
     tm, sm = teacher.manifest, student.manifest
     if tm["model"]["tokenizer_hash"] != sm["model"]["tokenizer_hash"]:
         raise StageError(f"--knn.teacher_dir: the teacher's tokenizer ({tm['model']['name']}) differs from the "
-                         f"student's ({sm['model']['name']}); targets must come from the same tokenizer")
+                         f"student's ({sm['model']['name']}); targets must come from the same tokenizer: use a "
+                         "teacher model with the student's tokenizer, or unset --knn.teacher_dir")
     if tm["data_fingerprint"] != sm["data_fingerprint"] or tm["n_positions"] != sm["n_positions"]:
         raise StageError("--knn.teacher_dir: the teacher's datastore covers another corpus or split; prepare "
                          "both runs from the same --data settings")
+    # Validation targets are row-aligned with the student's validation keys: both must hold the same positions.
+    n_tv = teacher.validation().n if teacher.has_validation else 0
+    n_sv = student.validation().n if student.has_validation else 0
+    if n_tv != n_sv:
+        raise StageError(f"--knn.teacher_dir: the teacher's datastore holds {n_tv} validation positions, the "
+                         f"student's {n_sv}: extract both with the same --train.val_positions")
 
 
 def _validation_targets(cfg: Config, index, ds: Datastore, student: Datastore, out: Path, K: int) -> dict:
@@ -200,13 +224,24 @@ class TargetStore:
 # ----------------------------------------------------------------------------- kNN-LM scorer for eval
 
 def load_knn_scorer(cfg: Config, lm) -> tuple[object | None, dict]:
-    """A function (keys (M, d) float32, gold (M,)) -> log p_kNN(gold) per eval temperature; None if no index."""
-    try:
-        ds = Datastore(cfg.run_dir, expect_model=lm.identity)
-        index, im = open_index(cfg.run_dir, cfg.index.nprobe)
-    except StageError as e:
-        log.warning("kNN-LM skipped: %s", e)
-        return None, {}
+    """A function (keys (M, d) float32, gold (M,)) -> log p_kNN(gold) per eval temperature; None if no index.
+
+    A datastore or index that does not exist yet only skips kNN-LM (with a warning); one built for another model
+    or hook point, or an index over another datastore, is an error: its keys would not be comparable.
+    """
+    from mlpmem.capture import resolve_hook
+
+    for d, stage in ((datastore_dir(cfg.run_dir), "extract"), (index_dir(cfg.run_dir), "index")):
+        m = read_manifest(d)
+        if m is None or not m.get("complete"):
+            log.warning("kNN-LM skipped: no complete %s output in %s (run `mlpmem %s`)", stage, d, stage)
+            return None, {}
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
+    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
+    index, im = open_index(cfg.run_dir, cfg.index.nprobe)
+    if im["datastore_fingerprint"] != ds.manifest["fingerprint"]:
+        raise StageError(f"the index in {index_dir(cfg.run_dir)} was built on another datastore: rerun "
+                         "`mlpmem index --force`")
     k = cfg.eval.knn_k or cfg.knn.k
     if k > ds.n:
         raise StageError(f"--knn.k {k} is larger than the datastore ({ds.n} keys): lower --knn.k or --eval.knn_k")

@@ -25,7 +25,7 @@ from mlpmem.lm import LoadedLM, load_lm
 from mlpmem.memory import MLPMemory, init_head_from_lm, memory_config_for
 from mlpmem.retrieval import TargetStore
 from mlpmem.runtime import dist_info
-from mlpmem.store import StageError, fingerprint, invalidate, read_manifest, require_manifest, should_skip, \
+from mlpmem.store import StageError, fingerprint, invalidate, read_manifest, should_skip, \
     write_manifest
 from mlpmem.trainer import ArraySource, BatchPlan, Targets, train_memory
 
@@ -44,7 +44,7 @@ class OnlineSource:
     """
 
     def __init__(self, lm: LoadedLM, hook, streams: list[tuple[np.ndarray, int]], context: int, stride: int,
-                 round_fp16: bool = True, cache_windows: int = 16):
+                 round_fp16: bool = True, cache_windows: int = 16, batch_size: int = 8):
         self.lm, self.hook, self.round = lm, hook, round_fp16
         self.streams = []
         for tokens, first in streams:
@@ -53,6 +53,7 @@ class OnlineSource:
         self.firsts = np.array([s[1] for s in self.streams], dtype=np.int64)
         self.cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self.cache_windows = cache_windows
+        self.batch_size = batch_size  # windows per LM forward
 
     def window_of(self, row: int) -> tuple[int, int]:
         """(stream, window index) of the window that scores this row."""
@@ -60,10 +61,8 @@ class OnlineSource:
         t = row - self.firsts[s]
         return s, int(np.searchsorted(self.streams[s][3], t, side="right")) - 1
 
-    def _window_hidden(self, keys: list[tuple[int, int]]) -> None:
-        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
-        if not missing:
-            return
+    def _forward(self, missing: list[tuple[int, int]]) -> None:
+        """Run the LM on these windows (right-padded, like extraction) and cache their scored rows."""
         T = max(self.streams[s][2][w].end - self.streams[s][2][w].begin for s, w in missing)
         ids = torch.zeros((len(missing), T), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -78,17 +77,23 @@ class OnlineSource:
             rows = h[j, win.score_from - win.begin:win.end - win.begin]
             rows = rows.to(torch.float16) if self.round else rows
             self.cache[(s, w)] = rows.float().cpu()
-            while len(self.cache) > self.cache_windows:
-                self.cache.popitem(last=False)
 
     def hidden(self, positions: np.ndarray) -> torch.Tensor:
         keys = [self.window_of(int(r)) for r in positions]
-        self._window_hidden(keys)
+        needed = list(dict.fromkeys(keys))
+        missing = [k for k in needed if k not in self.cache]
+        for i in range(0, len(missing), self.batch_size):
+            self._forward(missing[i:i + self.batch_size])
         out = []
         for r, (s, w) in zip(positions, keys):
             t = int(r) - self.firsts[s]
             out.append(self.cache[(s, w)][t - self.streams[s][2][w].score_from])
-        return torch.stack(out)
+        # Evict only after the lookups: a request may span more windows than the cache holds.
+        for k in needed:
+            self.cache.move_to_end(k)
+        while len(self.cache) > self.cache_windows:
+            self.cache.popitem(last=False)
+        return torch.stack(out) if out else torch.zeros((0, self.lm.identity["hidden_size"]))
 
 
 class WindowBatchPlan(BatchPlan):
@@ -113,6 +118,14 @@ def run(cfg: Config) -> dict:
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
     tg = TargetStore(cfg.run_dir)
+    if tg.manifest.get("datastore_fingerprint", ds.manifest["fingerprint"]) != ds.manifest["fingerprint"] \
+            or tg.manifest["n_positions"] != ds.n:
+        raise StageError(f"the kNN targets in {tg.dir} were computed for another datastore than the one in "
+                         f"{ds.dir} (re-extracted since?): rerun `mlpmem knn-targets --force`")
+    n_val_ds = ds.validation().n if ds.has_validation else 0
+    if tg.n_validation > n_val_ds:
+        raise StageError(f"the kNN targets hold {tg.n_validation} validation positions but the datastore only "
+                         f"{n_val_ds}: rerun `mlpmem knn-targets --force`")
     out = memory_dir(cfg.run_dir)
     meta = memory_meta(lm, str(hook), tg.manifest)
     mc = memory_config_for(lm.model.config, num_blocks=cfg.memory.num_blocks, hidden_size=cfg.memory.hidden_size,
@@ -129,7 +142,8 @@ def run(cfg: Config) -> dict:
 
             for sub in ("last", "best"):
                 shutil.rmtree(out / sub, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "best.json"):
+                (out / name).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     memory = MLPMemory(mc).to(lm.device)
     if cfg.memory.init_head == "lm":
@@ -147,6 +161,11 @@ def run(cfg: Config) -> dict:
     if cfg.train.input == "offline":
         source = ArraySource(ConcatRows(ds.keys + (val_ds.keys if n_val else [])))
     else:
+        ext_w = ds.manifest["window"]
+        if (ext_w["context"], ext_w["stride"]) != (cfg.window.context, cfg.window.stride):
+            raise StageError(f"--train.input online recomputes the datastore's keys, which were extracted with "
+                             f"--window.context {ext_w['context']} --window.stride {ext_w['stride']}, not "
+                             f"{cfg.window.context}/{cfg.window.stride}: use the same window settings")
         source = online_source(cfg, lm, hook, n, n_val)
         wins = source.streams[0][2]
         plan = WindowBatchPlan(train_rows, [w.end - w.score_from for w in wins], cfg.train.batch_size, cfg.seed)
@@ -169,7 +188,7 @@ def online_source(cfg: Config, lm: LoadedLM, hook, n: int, n_val: int) -> Online
     if n_val:
         vt, _ = load_split(cfg, "validation", lm.identity["tokenizer_hash"])
         streams.append((vt[: n_val + 1], n))
-    return OnlineSource(lm, hook, streams, cfg.window.context, cfg.window.stride)
+    return OnlineSource(lm, hook, streams, cfg.window.context, cfg.window.stride, batch_size=cfg.window.batch_size)
 
 
 def memory_meta(lm: LoadedLM, hook: str, targets_manifest: dict | None) -> dict:
@@ -191,7 +210,10 @@ def load_trained_memory(cfg: Config, lm: LoadedLM, path: str | Path | None = Non
         path = d / m["checkpoint"]
     else:
         m = {"fingerprint": fingerprint(str(path))}
-    memory = MLPMemory.from_pretrained(path, device=str(lm.device))
+    try:
+        memory = MLPMemory.from_pretrained(path, device=str(lm.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise StageError(f"cannot load the memory: {e}. Rerun `mlpmem train --force` to rebuild it") from None
     check_memory_matches(memory, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer))
     meta = {"fingerprint": m["fingerprint"], "params": memory.num_parameters(),
             "bytes": (Path(path) / "model.safetensors").stat().st_size}

@@ -154,7 +154,8 @@ def _load_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, fp: st
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fp:
         raise ValueError(f"resume checkpoint {path} was written with other training settings, seed or train rows "
-                         f"(fingerprint {state.get('fingerprint')} != {fp}): delete {path} or choose another out_dir")
+                         f"(fingerprint {state.get('fingerprint')} != {fp}): delete {path} "
+                         "(`mlpmem train --force` does) or choose another out_dir")
     weights = load_file(str(path / "model.safetensors"))
     check_state_dict(memory, weights, where=str(path))
     memory.load_state_dict(weights)
@@ -275,11 +276,12 @@ def train_memory(
     fp = fingerprint(trajectory, seed, _rows_hash(train_rows), memory.config.to_dict())
     metrics_path, last_dir = out_dir / "metrics.jsonl", out_dir / "last"
 
-    step, best_val, best_step, last_loss = 0, math.inf, -1, math.nan
+    step, best_val, best_step, last_loss, resumed_acc = 0, math.inf, -1, math.nan, None
     if last_dir.exists():
         st = _load_last(last_dir, memory, opt, fp)
         step, best_val, best_step = int(st["step"]), float(st["best_val_loss"]), int(st["best_step"])
         last_loss = float(st.get("train_loss", math.nan))
+        resumed_acc = st.get("log_acc")
         log.info("resuming from %s at step %d/%d", last_dir, step, total)
         if main:
             _truncate_metrics(metrics_path, step)
@@ -311,7 +313,8 @@ def train_memory(
         if main:
             _save_last(last_dir, memory, opt, {"step": at, "best_val_loss": best_val, "best_step": best_step,
                                                "fingerprint": fp, "total_steps": total, "seed": seed,
-                                               "train_loss": train_loss})
+                                               "train_loss": train_loss,
+                                               "log_acc": {"sums": acc.tolist(), "steps": acc_steps}})
         if ddp:
             dist.barrier()
 
@@ -321,6 +324,9 @@ def train_memory(
     # loss, kl, ce, grad_norm summed since the last log line; kept on the device so steps never wait for a .item()
     acc = torch.zeros(4, dtype=torch.float32, device=device)
     acc_steps, t_log, t0, start_step = 0, time.perf_counter(), time.perf_counter(), step
+    if resumed_acc is not None:  # steps since the last log line before the checkpoint: the next line averages them
+        acc += torch.tensor(resumed_acc["sums"], dtype=torch.float32, device=device)
+        acc_steps = int(resumed_acc["steps"])
     fork_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):  # reseeding dropout must not leak into the caller's RNG

@@ -1,0 +1,116 @@
+"""Stage `generate`: base and +memory continuations, lambda 0 = the base LM, batched prompts of different lengths."""
+
+import shutil
+
+import pytest
+import torch
+
+import mlpmem.generate as generate
+from helpers import make_model_dir, make_texts, tiny_config, write_corpus
+from mlpmem import data, extract, pipeline, retrieval, train
+from mlpmem.joint import attach_memory
+from mlpmem.lm import load_lm
+from mlpmem.store import StageError
+
+PROMPTS = ["A", "Doc 3: the river of the king was", "city"]  # 1 to ~30 tokens: heavy left padding
+SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 50,
+         "train.batch_size": 32, "train.max_steps": 30, "train.lr": 5e-3, "generate.prompts": PROMPTS,
+         "generate.max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    texts = make_texts(20, seed=4)
+    make_model_dir(root / "model-gpt2", "gpt2", texts=texts)
+    make_model_dir(root / "model-llama", "llama", seed=1, texts=texts)
+    write_corpus(root / "corpus.txt", texts)
+    return root
+
+
+def config(assets, out, family="gpt2", **overrides):
+    return tiny_config(assets, family, out_dir=str(out), **{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def trained(request, assets, tmp_path_factory):
+    family = request.param
+    out = tmp_path_factory.mktemp(f"trained-{family}") / "run"
+    cfg = config(assets, out, family)
+    for stage in (data.run, extract.run, retrieval.run_index, retrieval.run_targets, train.run):
+        stage(cfg)
+    return family, out
+
+
+def test_generate_prints_base_and_memory_continuations(assets, trained, capsys):
+    family, run = trained
+    res = generate.run(config(assets, run, family, **{"generate.lam": 0.5}))
+    out = capsys.readouterr().out
+    rows = res["generations"]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for r in rows:
+        assert f"### {r['prompt']}" in out
+        assert r["lam"] == 0.5 and r["base"] and r["memory"]
+        assert f"[base]            {r['base'].strip()}" in out
+        assert f"[+memory λ=0.5] {r['memory'].strip()}" in out
+    assert any(r["base"] != r["memory"] for r in rows)  # at lam 0.5 the memory changes something
+
+
+def test_lambda_zero_gives_the_base_continuation(assets, trained):
+    family, run = trained
+    rows = generate.run(config(assets, run, family, **{"generate.lam": 0.0}))["generations"]
+    assert all(r["lam"] == 0.0 and r["memory"] == r["base"] for r in rows)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_batched_prompts_of_different_lengths_equal_one_by_one(assets, trained, lam):
+    family, run = trained
+    cfg = config(assets, run, family)
+    lm = load_lm(cfg.model)
+    memory, _ = train.load_trained_memory(cfg, lm)
+    handle = attach_memory(lm.model, memory, lam=lam)
+    try:
+        batched = generate.generate_texts(lm, PROMPTS, cfg)
+        single = [generate.generate_texts(lm, [p], cfg)[0] for p in PROMPTS]
+        # greedy continuation by hand: full recomputation, no cache, no padding
+        by_hand = []
+        for p in PROMPTS:
+            ids = lm.tokenizer(p, return_tensors="pt").input_ids
+            n0 = ids.shape[1]
+            with torch.inference_mode():
+                for _ in range(cfg.generate.max_new_tokens):
+                    nxt = lm.model(ids).logits[:, -1].argmax(-1, keepdim=True)
+                    ids = torch.cat([ids, nxt], 1)
+            by_hand.append(lm.tokenizer.decode(ids[0, n0:], skip_special_tokens=True))
+    finally:
+        handle.detach()
+    assert batched == single == by_hand
+    lens = [len(lm.tokenizer(p).input_ids) for p in PROMPTS]
+    assert min(lens) == 1 and max(lens) > 20
+
+
+def test_generate_refuses_a_memory_of_another_model(assets, trained):
+    family, run = trained
+    other = "llama" if family == "gpt2" else "gpt2"  # same tokenizer, another base model
+    with pytest.raises(StageError, match="--model.name"):
+        generate.run(config(assets, run, other))
+
+
+def test_generate_without_a_memory(assets, tmp_path):
+    cfg = config(assets, tmp_path / "run")
+    with pytest.raises(StageError, match="mlpmem train"):
+        generate.run(cfg)
+
+
+def test_pipeline_rerun_is_a_no_op(assets, trained, tmp_path, capsys):
+    family, run = trained
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    cfg = config(assets, dst, family, **{"eval.systems": ["base", "memory"], "eval.lambdas": [0.0, 0.5]})
+    pipeline.run(cfg)  # only eval and generate have work left
+    manifests = {p: p.read_bytes() for p in dst.rglob("manifest.json")}
+    assert len(manifests) == 7
+    timings = pipeline.run(cfg)
+    assert {p: p.read_bytes() for p in dst.rglob("manifest.json")} == manifests
+    assert list(timings) == ["prepare", "extract", "index", "knn-targets", "train", "eval", "generate"]
+    assert "[+memory" in capsys.readouterr().out

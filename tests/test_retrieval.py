@@ -1,0 +1,314 @@
+"""Stages `index` and `knn-targets`, and kNN-LM evaluation, on tiny models and a corpus with a repeated document."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mlpmem.knn as knn
+from helpers import make_model, make_model_dir, make_texts, make_tokenizer, tiny_config, write_corpus
+from mlpmem import data, eval_stage, extract, retrieval
+from mlpmem.data import load_split, plan_windows
+from mlpmem.index import exact_search
+from mlpmem.lm import load_lm
+from mlpmem.retrieval import TargetStore
+from mlpmem.store import StageError
+
+SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40, "knn.k": 24,
+         "knn.store_ids": 24, "knn.query_batch": 200}
+REPEATED = "Repeated: " + " ".join(["river"] * 90) + " and the king."
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Model dirs sharing one tokenizer (GPT-2; Llama with another seed), and a corpus with a repeated document.
+
+    The repeated document holds a long run of one word, so windows over it produce identical keys at many rows
+    (same tokens, same position in the window): duplicates in the datastore.
+    """
+    root = tmp_path_factory.mktemp("assets")
+    texts = make_texts(24, seed=2)
+    texts = texts[:8] + [REPEATED] + texts[8:16] + [REPEATED] + texts[16:]
+    make_model_dir(root / "model-gpt2", "gpt2", texts=texts)
+    make_model_dir(root / "model-llama", "llama", seed=1, texts=texts)
+    write_corpus(root / "corpus.txt", texts)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_run(assets, tmp_path_factory):
+    """prepare + extract + index + knn-targets (Flat, GPT-2) once; tests copy it."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = config(assets, out)
+    data.run(cfg)
+    extract.run(cfg)
+    retrieval.run_index(cfg)
+    retrieval.run_targets(cfg)
+    return out
+
+
+def config(assets, out, family="gpt2", **overrides):
+    return tiny_config(assets, family, out_dir=str(out), **{**SMALL, **overrides})
+
+
+def copy_run(base_run, dst, upto=("data", "datastore", "index", "targets")):
+    for sub in upto:
+        shutil.copytree(base_run / sub, dst / sub)
+    return dst
+
+
+def arrays(stage_dir):
+    return {p.relative_to(stage_dir).as_posix(): p.read_bytes() for p in sorted(stage_dir.rglob("*.npy"))}
+
+
+def as_dist(ids_row, probs_row):
+    return {int(i): float(p) for i, p in zip(ids_row, probs_row) if i >= 0}
+
+
+def assert_same_dist(a, b, atol=2e-3):
+    assert set(a) == set(b), (a, b)
+    for t in a:
+        assert abs(a[t] - b[t]) <= atol, (t, a[t], b[t])
+
+
+def test_targets_leave_out_only_the_own_id(assets, base_run):
+    cfg = config(assets, base_run)
+    ds = extract.Datastore(cfg.run_dir)
+    tg = TargetStore(cfg.run_dir)
+    keys = np.concatenate([np.asarray(k) for k in ds.keys])
+    _, inv, counts = np.unique(keys.view(np.uint8).reshape(ds.n, -1), axis=0, return_inverse=True,
+                               return_counts=True)
+    inv = inv.reshape(-1)
+    dup_rows = np.flatnonzero(counts[inv] > 1)
+    assert len(dup_rows) > 50, "the repeated document must give identical keys"
+    # rows with an identical-key twin whose next token differs (the end of the run of one word): there,
+    # dropping the first tied hit instead of the own id changes the distribution
+    vals = ds.vals
+    odd = [r for r in dup_rows if len(set(vals[inv == inv[r]].tolist())) > 1]
+    assert len(odd) >= 2
+    rng = np.random.default_rng(0)
+    rows = np.unique(np.concatenate([rng.choice(dup_rows, 40, replace=False), odd]))
+    k, T = cfg.knn.k, cfg.knn.temperature
+    D, I = exact_search(ds.keys, keys[rows], k + 1)
+    ids, probs = np.asarray(tg.ids[0])[rows], np.asarray(tg.probs[0])[rows].astype(np.float32)
+    n_differs = n_self_differs = 0
+    for j, r in enumerate(rows):
+        twins = set(np.flatnonzero(inv == inv[r])) - {r}
+        keep = I[j] != r
+        Dj, Ij = D[j][keep][:k][None], I[j][keep][:k][None]
+        assert twins & set(Ij[0].tolist()), "an identical key at another position must be a neighbour"
+        i_ref, p_ref, _ = knn.sparse_knn_distribution(Dj, Ij, ds.vals, T, max_ids=cfg.knn.store_ids)
+        assert_same_dist(as_dist(ids[j], probs[j]), as_dist(i_ref[0], p_ref[0]))
+        # dropping the twins as well gives another distribution: the stored one counts them
+        no_twin = np.array([i not in twins for i in Ij[0]])
+        i_bad, p_bad, _ = knn.sparse_knn_distribution(Dj[:, no_twin], Ij[:, no_twin], ds.vals, T)
+        a, b = as_dist(ids[j], probs[j]), as_dist(i_bad[0], p_bad[0])
+        n_differs += set(a) != set(b) or any(abs(a[t] - b[t]) > 1e-2 for t in a)
+        # and so does keeping the own id (no leave-one-out)
+        i_self, p_self, _ = knn.sparse_knn_distribution(D[j][None, :k], I[j][None, :k], ds.vals, T)
+        c = as_dist(i_self[0], p_self[0])
+        n_self_differs += set(a) != set(c) or any(abs(a[t] - c[t]) > 1e-2 for t in a)
+    assert n_differs > len(rows) // 2 and n_self_differs > len(rows) // 2
+
+
+def test_validation_targets_search_without_leave_one_out(assets, base_run):
+    cfg = config(assets, base_run)
+    ds, tg = extract.Datastore(cfg.run_dir), TargetStore(cfg.run_dir)
+    val = ds.validation()
+    assert tg.n_validation == val.n > 0
+    xq = np.asarray(val.keys[0])
+    D, I = exact_search(ds.keys, xq, cfg.knn.k)
+    i_ref, p_ref, _ = knn.sparse_knn_distribution(D, I, ds.vals, cfg.knn.temperature, max_ids=cfg.knn.store_ids)
+    for j in range(val.n):
+        assert_same_dist(as_dist(tg.val_ids[j], tg.val_probs[j].astype(np.float32)), as_dist(i_ref[j], p_ref[j]))
+
+
+def test_ivf_with_full_nprobe_equals_flat_and_reports_recall(assets, base_run, tmp_path):
+    cfg = config(assets, copy_run(base_run, tmp_path / "run", ("data", "datastore")),
+                 **{"index.factory": "IVF4,Flat", "index.nprobe": 4})
+    m = retrieval.run_index(cfg)
+    assert m["factory"] == "IVF4,Flat" and m["ntotal"] == extract.Datastore(cfg.run_dir).n
+    rec = m["recall_at_k"]
+    assert rec["k"] == cfg.knn.k and rec["nprobe"] == 4
+    assert rec["recall"] == 1.0  # exhaustive: ties between identical keys count as found
+    retrieval.run_targets(cfg)
+    assert arrays(retrieval.targets_dir(cfg.run_dir)) == arrays(retrieval.targets_dir(base_run))
+
+    # one list of four: approximate, and the manifest says so
+    low = config(assets, cfg.run_dir, **{"index.factory": "IVF4,Flat", "index.nprobe": 1, "force": True})
+    rec1 = retrieval.run_index(low)["recall_at_k"]
+    assert rec1["nprobe"] == 1 and 0.0 < rec1["recall"] < 1.0
+
+
+def test_killed_targets_resume_byte_identical(assets, base_run, tmp_path, monkeypatch):
+    over = {"knn.query_batch": 100, "extract.shards": 2}
+    ref = config(assets, copy_run(base_run, tmp_path / "ref", ("data",)), **over)
+    extract.run(ref)
+    retrieval.run_index(ref)
+    retrieval.run_targets(ref)
+
+    cfg = config(assets, tmp_path / "run", **over)
+    shutil.copytree(ref.run_dir / "data", cfg.run_dir / "data")
+    shutil.copytree(ref.run_dir / "datastore", cfg.run_dir / "datastore")
+    shutil.copytree(ref.run_dir / "index", cfg.run_dir / "index")
+    n = extract.Datastore(cfg.run_dir).n
+    n_blocks = sum(-(-(s["stop"] - s["start"]) // 100) for s in extract.Datastore(cfg.run_dir).manifest["shards"])
+    die_after = n_blocks // 2 + 2  # shard 0 done, shard 1 part done
+    real, calls = knn.search, {"n": 0, "die": True}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["die"] and calls["n"] > die_after:
+            raise RuntimeError("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(knn, "search", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        retrieval.run_targets(cfg)
+    out = retrieval.targets_dir(cfg.run_dir)
+    assert not (out / "manifest.json").exists()
+    calls.update(n=0, die=False)
+    m = retrieval.run_targets(cfg)
+    assert calls["n"] == n_blocks - die_after  # only the unfinished blocks were searched again
+    assert m["n_positions"] == n and len(m["shards"]) == 2
+    assert arrays(out) == arrays(retrieval.targets_dir(ref.run_dir))
+
+
+def test_teacher_with_the_same_tokenizer(assets, base_run, tmp_path):
+    # teacher: the GPT-2 base run; student: a Llama model (other family, other seed) with the same tokenizer
+    student = config(assets, tmp_path / "student", "llama", **{"knn.teacher_dir": str(base_run)})
+    data.run(student)
+    extract.run(student)
+    t_ds, s_ds = extract.Datastore(base_run), extract.Datastore(student.run_dir)
+    assert t_ds.manifest["model"]["tokenizer_hash"] == s_ds.manifest["model"]["tokenizer_hash"]
+    assert t_ds.manifest["model"]["fingerprint"] != s_ds.manifest["model"]["fingerprint"]
+    m = retrieval.run_targets(student)  # no index of its own needed
+    assert m["teacher"] == str(base_run)
+    # the targets are the teacher's own targets, row for row (same positions, teacher keys)
+    assert arrays(retrieval.targets_dir(student.run_dir)) == arrays(retrieval.targets_dir(base_run))
+    from mlpmem import train
+
+    tm = train.run(config(assets, student.run_dir, "llama", **{"knn.teacher_dir": str(base_run),
+                                                               "train.max_steps": 3}))
+    assert tm["complete"] and tm["summary"]["steps"] == 3
+
+    # a student whose validation keys cover other positions than the teacher's cannot use its targets
+    other = config(assets, tmp_path / "student2", "llama", **{"knn.teacher_dir": str(base_run),
+                                                               "train.val_positions": 30})
+    data.run(other)
+    extract.run(other)
+    with pytest.raises(StageError, match="--train.val_positions"):
+        retrieval.run_targets(other)
+
+
+def test_teacher_with_another_tokenizer_is_refused(assets, base_run, tmp_path):
+    other = tmp_path / "other-assets"
+    tok = make_tokenizer(make_texts(24, seed=2), vocab_size=300)  # with merges: other token ids
+    make_model("gpt2", len(tok)).save_pretrained(other / "model-gpt2")
+    tok.save_pretrained(other / "model-gpt2")
+    shutil.copy(assets / "corpus.txt", other / "corpus.txt")
+    teacher = tiny_config(other, "gpt2", out_dir=str(tmp_path / "teacher"), **SMALL)
+    data.run(teacher)
+    extract.run(teacher)
+    retrieval.run_index(teacher)
+    student = config(assets, copy_run(base_run, tmp_path / "student", ("data", "datastore")),
+                     **{"knn.teacher_dir": str(teacher.run_dir)})
+    with pytest.raises(StageError, match="tokenizer"):
+        retrieval.run_targets(student)
+    assert not (retrieval.targets_dir(student.run_dir) / "manifest.json").exists()
+
+
+def test_bad_inputs_give_clear_errors(assets, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    with pytest.raises(StageError, match="lower --knn.k"):
+        retrieval.run_targets(config(assets, run, **{"knn.k": 10**6}))
+    shutil.rmtree(run / "index")
+    with pytest.raises(StageError, match="mlpmem index"):
+        retrieval.run_targets(config(assets, run))
+    # an index over another datastore (re-extracted since)
+    retrieval.run_index(config(assets, run))
+    extract.run(config(assets, run, **{"window.stride": 16, "force": True}))
+    with pytest.raises(StageError, match="mlpmem index --force"):
+        retrieval.run_targets(config(assets, run, **{"window.stride": 16}))
+
+
+def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run")
+    cfg = config(assets, run)
+    mi = json.loads((run / "index" / "manifest.json").read_text())
+    mt = json.loads((run / "targets" / "manifest.json").read_text())
+    before = arrays(run / "targets")
+    assert retrieval.run_index(cfg) == mi
+    assert retrieval.run_targets(cfg) == mt
+    assert arrays(run / "targets") == before
+
+    with pytest.raises(StageError, match="--force"):
+        retrieval.run_index(config(assets, run, **{"index.factory": "IVF4,Flat"}))
+    with pytest.raises(StageError, match="--force"):
+        retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0}))
+    m = retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0, "force": True}))
+    assert m["temperature"] == 2.0 and m["fingerprint"] != mt["fingerprint"]
+    assert arrays(run / "targets") != before
+    assert retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0})) == m
+
+
+# ----------------------------------------------------------------------------- kNN-LM evaluation
+
+def _direct_ppl(lm, tokens, context, stride):
+    """Perplexity by plain full forwards of the LM (logits from the model itself), windows as planned."""
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for w in plan_windows(len(tokens), context, stride):
+            ids = torch.from_numpy(tokens[w.begin:w.end + 1].astype(np.int64))[None]
+            lp = lm.model(ids[:, :-1]).logits[0].double().log_softmax(-1)
+            sel = np.arange(w.score_from - w.begin, w.end - w.begin)
+            gold = ids[0, 1:][sel]
+            nll -= lp[sel].gather(-1, gold[:, None]).sum().item()
+            n += len(sel)
+    return float(np.exp(nll / n))
+
+
+def test_knn_lm_at_lambda_zero_is_the_base_lm(assets, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    over = {"eval.systems": ["base", "knn"], "eval.lambdas": [0.0, 0.5, 1.0], "eval.knn_temperatures": [1.0, 8.0]}
+    cfg = config(assets, run, **over)
+    eval_stage.run(cfg)
+    res = json.loads((run / "eval" / "results.json").read_text())
+    lm = load_lm(cfg.model)
+    for split in ("validation", "test"):
+        base = res["sweeps"][split]["base"][0]["ppl"]
+        rows = res["sweeps"][split]["knn"]
+        assert {(r["lam"], r["T"]) for r in rows} == {(l, T) for l in (0.0, 0.5, 1.0) for T in (1.0, 8.0)}
+        for r in rows:
+            if r["lam"] == 0.0:
+                assert r["ppl"] == base
+        assert any(r["ppl"] != base for r in rows if r["lam"] > 0)  # kNN-LM does change something
+        tokens, _ = load_split(cfg, split)
+        assert base == pytest.approx(_direct_ppl(lm, tokens, cfg.window.context, cfg.window.stride), rel=1e-5)
+        assert res["splits"][split]["systems"]["base"]["ppl"] == base
+
+    fixed = config(assets, run, **over, **{"eval.lam": 0.0, "eval.out_name": "eval-lam0"})
+    eval_stage.run(fixed)
+    res0 = json.loads((run / "eval-lam0" / "results.json").read_text())
+    assert res0["settings"]["knn"]["lam"] == 0.0
+    for split in ("validation", "test"):
+        systems = res0["splits"][split]["systems"]
+        assert systems["knn"]["ppl"] == systems["base"]["ppl"] == res["splits"][split]["systems"]["base"]["ppl"]
+
+
+def test_knn_eval_refuses_a_datastore_of_another_model_or_hook(assets, base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    over = {"eval.systems": ["base", "knn"]}
+    with pytest.raises(StageError, match="--model.name"):
+        eval_stage.run(config(assets, run, "llama", **over))  # same tokenizer, other model
+    with pytest.raises(StageError, match="--extract.hook"):
+        eval_stage.run(config(assets, run, **over, **{"extract.hook": "transformer.h.0.ln_2"}))
+    with pytest.raises(StageError, match="--knn.k"):
+        eval_stage.run(config(assets, run, **over, **{"knn.k": 10**6}))
+    # a run without an index yet only skips kNN-LM
+    shutil.rmtree(run / "index")
+    eval_stage.run(config(assets, run, **over))
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert "knn" not in res["splits"]["test"]["systems"] and "base" in res["splits"]["test"]["systems"]
