@@ -21,7 +21,7 @@ def make_texts(n_docs: int = 60, seed: int = 0, words_per_doc: tuple[int, int] =
     return docs
 
 
-def make_tokenizer(texts: list[str], vocab_size: int = 200):
+def make_tokenizer(texts: list[str], vocab_size: int = 300):
     """A byte-level BPE tokenizer trained on the texts, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -70,16 +70,22 @@ def plan_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 
 def shard_windows(windows: list[Window], n_shards: int) -> list[list[Window]]:
-    """Split a plan into contiguous groups of windows of similar scored size (one per process/shard)."""
+    """Split a plan into contiguous groups of windows of similar scored size (one per process/shard).
+
+    Every shard gets at least one window when there are at least ``n_shards`` windows.
+    """
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    sizes = np.array([w.end - w.score_from for w in windows])
-    cum = np.cumsum(sizes)
+    cum = np.cumsum([w.end - w.score_from for w in windows])
     total = int(cum[-1]) if len(cum) else 0
-    bounds = [int(np.searchsorted(cum, total * i / n_shards, side="right")) for i in range(1, n_shards)]
     out, start = [], 0
-    for b in bounds + [len(windows)]:
-        b = max(b, start)
+    for i in range(1, n_shards + 1):
+        if i == n_shards:
+            b = len(windows)
+        else:  # first window boundary at or past this shard's share, keeping one window for each later shard
+            b = int(np.searchsorted(cum, total * i / n_shards, side="left")) + 1
+            b = min(max(b, start + 1), len(windows) - (n_shards - i))
+            b = max(b, start)
         out.append(windows[start:b])
         start = b
     return out
