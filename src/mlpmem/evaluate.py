@@ -23,6 +23,8 @@ import torch
 
 from mlpmem.config import Config
 from mlpmem.data import batch_windows, plan_windows
+from mlpmem.interpolate import mix3
+from mlpmem.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.lm import LoadedLM
 
 log = logging.getLogger(__name__)
@@ -143,25 +145,6 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
 def ppl(lp: np.ndarray) -> float:
     """Token-weighted perplexity exp(mean NLL) from per-position gold log-probs."""
     return float(np.exp(-lp.mean())) if lp.size else float("nan")
-
-
-def mix2(lm: np.ndarray, other: np.ndarray, lam: float) -> np.ndarray:
-    """log((1 - lam) p_lm + lam p_other), exact at lam = 0 and 1 (no log(0) arithmetic)."""
-    if lam == 0.0:
-        return lm
-    if lam == 1.0:
-        return other
-    return np.logaddexp(np.log1p(-lam) + lm, np.log(lam) + other)
-
-
-def mix3(lm: np.ndarray, mem: np.ndarray, knn: np.ndarray, lam_mem: float, lam_knn: float) -> np.ndarray:
-    """log((1 - lam_mem - lam_knn) p_lm + lam_mem p_mem + lam_knn p_knn)."""
-    parts = []
-    w_lm = 1.0 - lam_mem - lam_knn
-    for w, lp in ((w_lm, lm), (lam_mem, mem), (lam_knn, knn)):
-        if w > 1e-12:
-            parts.append(np.log(w) + lp)
-    return np.logaddexp.reduce(np.stack(parts), axis=0)
 
 
 def sweep(scored: Scored, cfg: Config) -> dict:
