@@ -211,7 +211,8 @@ def load_trained_memory(cfg: Config, lm: LoadedLM, path: str | Path | None = Non
     else:
         m = {"fingerprint": fingerprint(str(path))}
     try:
-        memory = MLPMemory.from_pretrained(path, device=str(lm.device))
+        # inference in the LM's dtype (bf16 halves the memory's cost on CPU and GPU); mixing happens in float32
+        memory = MLPMemory.from_pretrained(path, device=str(lm.device), dtype=next(lm.model.parameters()).dtype)
     except (FileNotFoundError, ValueError) as e:
         raise StageError(f"cannot load the memory: {e}. Rerun `mlpmem train --force` to rebuild it") from None
     check_memory_matches(memory, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer))
