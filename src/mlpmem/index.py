@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlpmem.store import StageError
+from mlpmem.store import StageError, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -272,18 +270,8 @@ def build_index(key_shards: np.ndarray | Sequence[np.ndarray], factory: str, tra
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
     """Write the index to a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
