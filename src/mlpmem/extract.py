@@ -88,7 +88,8 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
     bar.close()
     secs = time.perf_counter() - t0
     info = {"shard": shard, "start": start, "stop": stop, "keys": kpath.name, "vals": vpath.name,
-            "seconds": round(secs, 2), "tokens_per_s": round(n_new / secs, 1) if secs > 0 else None}
+            "seconds": round(secs, 2), "computed": n_new,  # rows computed by this (possibly resumed) run
+            "tokens_per_s": round(n_new / secs, 1) if secs > 0 else None}
     atomic_write_json(out / f".shard-{shard:05d}.json", {"fingerprint": fp, **info})
     prog.clear()
     return info
@@ -172,7 +173,8 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
         data_fingerprint=(read_manifest(data_dir(cfg)) or {}).get("fingerprint"),
         shards=[{k: sm[k] for k in ("start", "stop", "keys", "vals")} for sm in shards],
         bytes=sum((out / sm["keys"]).stat().st_size + (out / sm["vals"]).stat().st_size for sm in shards),
-        tokens_per_s=round(n / secs, 1) if secs else None)
+        # per process: rows computed / seconds, summed over shards (a resumed shard counts only its own work)
+        tokens_per_s=round(sum(sm.get("computed", 0) for sm in shards) / secs, 1) if secs else None)
 
 
 def read_manifest_json(path: Path) -> dict | None:
