@@ -226,13 +226,14 @@ class BenchConfig:
     sizes: list[int] = opt([10_000, 100_000, 1_000_000], "Datastore sizes (keys) for the inference benchmark.")
     tokens: int = opt(2048, "Tokens scored per inference measurement.")
     train_steps: int = opt(10, "Steps timed for the training-loss comparison.")
-    real_keys: int = opt(32768, "Keys extracted from the base LM over the train split; larger datastores tile them "
+    real_keys: int = opt(16384, "Keys extracted from the base LM over the train split; larger datastores tile them "
                          "with Gaussian noise (see --bench.noise).")
     noise: float = opt(0.05, "Std of the noise added to tiled copies of the real keys, as a fraction of each "
                        "dimension's std (copies stay distinct vectors).")
     ivf_train_size: int = opt(65536, "Keys sampled to train each IVFPQ index (nlist is also capped at this / 39, "
                               "FAISS' minimum of training points per list).")
-    repeats: int = opt(1, "Timed repetitions of each inference measurement; the fastest is reported.")
+    repeats: int = opt(2, "Rounds of inference timings (systems interleaved); each system's fastest pass is "
+                       "reported. Passes over 20 s and 3x the base LM's are not repeated.")
 
     def validate(self, p: str) -> None:
         _check(all(s >= 100 for s in self.sizes), f"{p}.sizes", "each must be >= 100")

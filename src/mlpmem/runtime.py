@@ -76,3 +76,48 @@ def progress(iterable=None, **kw):
 
     disable = not dist_info().is_main or bool(os.environ.get("MLPMEM_NO_PROGRESS"))
     return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=2.0, **kw)
+
+
+# ----------------------------------------------------------------------------- measurement helpers (bench)
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work so wall-clock timings are honest (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What a benchmark number was measured on: CPU model, cores, threads, library versions, GPU name."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+        info["faiss_threads"] = faiss.omp_get_max_threads()
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # > cpu_count: others share the CPU, timings noisy
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,516 @@
+"""`mlpmem bench`: speed, memory and storage of base LM vs base + MLP memory vs base + kNN-LM, side by side.
+
+Every number comes from the same run, the same model, dtype, device and scored tokens (see docs/bench.md):
+
+- inference tokens/s of sliding-window scoring (``evaluate.score_tokens``, the eval stage's own code path) for
+  the base LM, base + memory (random weights: cost does not depend on them) and base + kNN-LM with a Flat and an
+  IVFPQ index, at each datastore size of ``--bench.sizes``;
+- index build seconds and storage bytes (datastore, indexes, memory) per size;
+- key extraction (``extract.extract_shard``: forward_hidden + float16 copy into a memmap) against the bare body
+  forward on the same windows, interleaved chunk by chunk so load drift hits both alike;
+- memory training steps with the sparse loss vs the dense-target loss: tokens/s and peak RAM.
+
+Datastores: ``--bench.real_keys`` real keys are extracted from the base LM over the train split; a larger size
+repeats them with Gaussian noise of ``--bench.noise`` x each dimension's std (distinct vectors with the real keys'
+geometry). Every size is a prefix of the largest, so sizes up to real_keys are purely real keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlpmem.bench_report import SYSTEMS, format_table, plot, ratios, si
+from mlpmem.config import Config
+from mlpmem.runtime import machine_info, peak_rss_bytes, sync
+
+log = logging.getLogger(__name__)
+
+SLOW_PASS_S, SLOW_FACTOR = 20.0, 3.0  # inference passes this slow are not repeated (see round_robin)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def bench_tokens(cfg: Config, tok) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens for real_keys positions, test tokens for `tokens` scored positions), int32 streams.
+
+    Tokenizes only a prefix of each split (whole documents, then cut), so this takes a second, not a minute.
+    """
+    from mlpmem.data import assign_splits, read_corpus, separator_ids, tokenize_split
+
+    splits = assign_splits(read_corpus(cfg.data), cfg.data)
+    sep = separator_ids(tok, cfg.data.separator)
+    out = []
+    for split, n in (("train", cfg.bench.real_keys + 1), ("test", cfg.bench.tokens + 1)):
+        toks, _ = tokenize_split(tok, splits[split], sep, 2 * n + 10_000)
+        if len(toks) < n:
+            log.warning("bench: the %s split has only %d tokens (asked for %d); using them all", split, len(toks), n)
+        out.append(np.ascontiguousarray(toks[:n]))
+    return out[0], out[1]
+
+
+def synth_datastore(keys: np.ndarray, vals: np.ndarray, n: int, noise: float, seed: int,
+                    chunk: int = 1 << 17) -> tuple[np.ndarray, np.ndarray]:
+    """Grow real (R, d) float16 keys / (R,) int32 vals to n rows: row i >= R is row i % R plus Gaussian noise of
+    ``noise`` x that dimension's std (so the index sees distinct vectors with the real keys' geometry)."""
+    R, d = keys.shape
+    if n <= R:
+        return keys[:n], vals[:n]
+    std = torch.from_numpy(keys.astype(np.float32).std(0)) * noise
+    out = np.empty((n, d), dtype=np.float16)
+    out[:R] = keys
+    real = torch.from_numpy(keys)
+    gen = torch.Generator().manual_seed(seed)
+    for s in range(R, n, chunk):
+        rows = torch.arange(s, min(n, s + chunk)) % R
+        x = real[rows].float() + torch.randn(len(rows), d, generator=gen) * std
+        out[s:s + len(rows)] = x.half().numpy()
+    return out, np.resize(vals, n).astype(np.int32)
+
+
+def ivfpq_factory(n: int, d: int, n_train: int) -> str:
+    """IVF{nlist},PQ{m}: nlist the power of two nearest 4*sqrt(n), capped by FAISS' 39 training points per list
+    (and 65536); m = 64 sub-quantizers (64-byte codes) or the largest divisor of d below 64; 8-bit codes when
+    there are >= 39 * 256 training points, fewer bits below (tiny tests)."""
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nlist = max(1, min(nlist, 2 ** int(math.log2(max(1, n_train // 39))), 65536))
+    m = 64 if d % 64 == 0 else max(q for q in range(1, 65) if d % q == 0)
+    nbits = max(1, min(8, int(math.log2(max(1, n_train // 39)))))
+    return f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}")
+
+
+def index_bytes(index) -> int:
+    """Serialized size of a FAISS index, counted as it streams out (no copy of a multi-GB flat index is kept)."""
+    import faiss
+
+    n = 0
+
+    def count(b: bytes) -> int:
+        nonlocal n
+        n += len(b)
+        return len(b)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return n
+
+
+def _body(model):
+    return getattr(model, "base_model", model)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Extract real keys with the extract stage's own shard writer and time the bare body forward on the same
+    windows. Chunks of ~2 batches alternate bare / extract, so machine-load drift affects both equally."""
+    from mlpmem.data import batch_windows, plan_windows, shard_windows
+    from mlpmem.extract import extract_shard
+    from mlpmem.store import shard_name
+
+    wc = cfg.window
+    windows = plan_windows(len(tokens), wc.context, wc.stride)
+    groups = [g for g in shard_windows(windows, max(1, math.ceil(len(windows) / (2 * wc.batch_size)))) if g]
+    body, dev = _body(lm.model), lm.device
+    work.mkdir(parents=True, exist_ok=True)
+
+    def bare(group) -> None:
+        with torch.inference_mode():
+            for ids, mask, _ in batch_windows(tokens, group, wc.batch_size):
+                body(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        sync(dev)
+
+    bare(groups[0][:1])  # warm-up (allocator, kernels) outside the timings
+    bare_s = ext_s = 0.0
+    for s, g in enumerate(groups):
+        t0 = time.perf_counter()
+        bare(g)
+        t1 = time.perf_counter()
+        extract_shard(lm, hook, tokens, g, work, s, len(groups), wc.batch_size, fp="bench")
+        sync(dev)
+        bare_s, ext_s = bare_s + t1 - t0, ext_s + time.perf_counter() - t1
+    keys = np.concatenate([np.load(work / shard_name("keys", s, len(groups))) for s in range(len(groups))])
+    vals = np.concatenate([np.load(work / shard_name("vals", s, len(groups))) for s in range(len(groups))])
+    n = len(keys)
+    res = {"positions": n, "windows": len(windows), "bare_s": round(bare_s, 3), "extract_s": round(ext_s, 3),
+           "bare_tokens_per_s": n / bare_s, "extract_tokens_per_s": n / ext_s, "ratio": bare_s / ext_s,
+           "key_dtype": "float16", "dim": int(keys.shape[1])}
+    log.info("bench: extraction %.0f tok/s vs bare forward %.0f tok/s (x%.2f) over %d positions",
+             res["extract_tokens_per_s"], res["bare_tokens_per_s"], res["ratio"], n)
+    return res, keys, vals
+
+
+# ----------------------------------------------------------------------------- inference
+
+def time_scoring(cfg: Config, lm, tokens: np.ndarray, desc: str, **kw) -> dict:
+    """One sliding-window scoring of `tokens`, timed: everything the eval stage does per token."""
+    from mlpmem.evaluate import score_tokens
+
+    wc = cfg.window
+    sync(lm.device)
+    t0 = time.perf_counter()
+    sc = score_tokens(lm, tokens, wc.context, wc.stride, wc.batch_size, desc=desc, **kw)
+    sync(lm.device)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": sc.n / dt, "seconds": round(dt, 3), "tokens": sc.n,
+            "parts_s": {k: round(v, 6) for k, v in sc.seconds.items() if v}, "base_ppl": float(np.exp(-sc.lm.mean()))}
+
+
+def knn_scorer(index, vals: np.ndarray, keys: np.ndarray, k: int, temperature: float, exact: bool):
+    """The kNN-LM term of evaluation (as retrieval.load_knn_scorer): search, optional exact distances, gold log p."""
+    from mlpmem.index import search
+    from mlpmem.knn import knn_gold_logprobs, recompute_distances
+
+    def scorer(h: torch.Tensor, gold: torch.Tensor) -> np.ndarray:
+        xq = h.float().cpu().numpy()
+        D, I = search(index, xq, k)
+        if exact:
+            D = recompute_distances(keys, xq, I)
+        return knn_gold_logprobs(D, I, vals, gold.cpu().numpy(), [temperature])
+
+    return scorer
+
+
+def make_memory(cfg: Config, lm):
+    from mlpmem.lm import DTYPES
+    from mlpmem.memory import MLPMemory, memory_config_for
+
+    mc = memory_config_for(lm.model.config, num_blocks=cfg.memory.num_blocks, hidden_size=cfg.memory.hidden_size,
+                           intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout)
+    torch.manual_seed(cfg.seed)
+    return MLPMemory(mc).to(lm.device, DTYPES[cfg.model.dtype]).eval()
+
+
+def round_robin(cfg: Config, lm, tokens: np.ndarray, runners: dict[str, dict], tag: str) -> dict[str, dict]:
+    """Time every system in turn, --bench.repeats rounds, keeping each system's fastest pass.
+
+    Interleaving spreads machine-load drift over all systems alike, and the fastest pass is the least disturbed
+    one. A system whose pass takes over SLOW_PASS_S seconds *and* over SLOW_FACTOR x the base LM's is timed once:
+    its gap to the others is far larger than the noise, and repeating it would dominate the bench's run time.
+    """
+    best: dict[str, dict] = {}
+    for r in range(cfg.bench.repeats):
+        for name, kw in runners.items():
+            if r and best[name]["seconds"] > max(SLOW_PASS_S, SLOW_FACTOR * best["base"]["seconds"]):
+                continue
+            res = time_scoring(cfg, lm, tokens, f"{name} {tag}", **kw)
+            passes = best.get(name, {}).get("passes", 0) + 1
+            if name not in best or res["seconds"] < best[name]["seconds"]:
+                best[name] = res
+            best[name]["passes"] = passes
+    return best
+
+
+def bench_inference(cfg: Config, lm, hook, memory, tokens, keys, vals) -> tuple[list, list, list]:
+    """Per datastore size: tokens/s of every system, index build times, storage bytes."""
+    from mlpmem.index import build_index, set_nprobe
+
+    b, show = cfg.bench, not os.environ.get("MLPMEM_NO_PROGRESS")
+    k, d = cfg.knn.k, keys.shape[1]
+    sizes = sorted(b.sizes)
+    log.info("bench: datastore of %d keys (%d real, the rest tiled + noise %.3g x std)", sizes[-1], len(keys),
+             b.noise)
+    all_keys, all_vals = synth_datastore(keys, vals, sizes[-1], b.noise, cfg.seed)
+    warm = tokens[: min(len(tokens), cfg.window.context + 1)]
+    time_scoring(cfg, lm, warm, "warm-up", hook=hook, memory=memory)  # kernels + allocator, not timed
+    mem_bytes = memory.num_parameters() * next(memory.parameters()).element_size()
+    inference, index_rows, storage = [], [], []
+    for n in sizes:
+        xb, vb = all_keys[:n], all_vals[:n]
+        irow, runners = {"size": n}, {"base": {}, "base+memory": {"hook": hook, "memory": memory}}
+        for kind, spec in (("flat", "Flat"), ("ivfpq", ivfpq_factory(n, d, min(n, b.ivf_train_size)))):
+            t0 = time.perf_counter()
+            index = build_index(xb, spec, b.ivf_train_size, min(cfg.index.add_chunk, 1 << 18), cfg.seed,
+                                cfg.index.use_gpu, progress=show)
+            build_s = time.perf_counter() - t0
+            set_nprobe(index, cfg.index.nprobe)
+            irow[kind] = {"factory": spec, "build_s": round(build_s, 2), "bytes": index_bytes(index),
+                          "nprobe": cfg.index.nprobe if kind == "ivfpq" else None}
+            scorer = knn_scorer(index, vb, xb, k, cfg.knn.temperature, cfg.knn.distances == "exact")
+            scorer(torch.from_numpy(xb[:8].astype(np.float32)), torch.from_numpy(vb[:8].astype(np.int64)))  # warm
+            runners[f"base+knn-{kind}"] = {"hook": hook, "knn_scorer": scorer}
+            log.info("bench: N=%d %s built in %.1fs (%.1f MiB)", n, spec, build_s, irow[kind]["bytes"] / 2**20)
+        row = {"size": n, "systems": round_robin(cfg, lm, tokens, runners, f"@{si(n)}")}
+        del runners, scorer, index
+        inference.append(row)
+        index_rows.append(irow)
+        storage.append({"size": n, "datastore_bytes": int(n * (d * 2 + 4)), "flat_index_bytes": irow["flat"]["bytes"],
+                        "ivfpq_index_bytes": irow["ivfpq"]["bytes"], "memory_bytes": int(mem_bytes),
+                        "memory_params": memory.num_parameters()})
+        log.info("bench: N=%d base %.0f, +memory %.0f, +kNN flat %.0f, +kNN ivfpq %.0f tok/s", n,
+                 *(row["systems"][s]["tokens_per_s"] for s in SYSTEMS))
+    return inference, index_rows, storage
+
+
+# ----------------------------------------------------------------------------- training: sparse vs dense loss
+
+def _fake_targets(n: int, K: int, V: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Sparse targets shaped like real ones: K distinct ids per row (last quarter padded with -1), probabilities
+    sorted descending and summing to 1, plus gold labels."""
+    step = max(1, V // K)
+    ids = (torch.randint(0, V, (n, 1), generator=gen) + torch.arange(K) * step) % V
+    probs = torch.rand(n, K, generator=gen).pow(4).sort(1, descending=True).values
+    pad = torch.arange(K) >= max(1, (3 * K) // 4)
+    ids, probs = ids.masked_fill(pad, -1), probs.masked_fill(pad, 0.0)
+    return ids, probs / probs.sum(1, keepdim=True), torch.randint(0, V, (n,), generator=gen)
+
+
+def _train_setup(spec: dict):
+    """(step(loss_fn), device): a memory in training mode, AdamW (fused where supported, as the trainer) with its
+    state and the gradients already allocated, and one fixed batch of random inputs and sparse targets."""
+    from mlpmem.memory import MLPMemory, MLPMemoryConfig
+
+    dev = torch.device(spec["device"])
+    torch.manual_seed(spec["seed"])
+    memory = MLPMemory(MLPMemoryConfig.from_dict(spec["memory_config"])).to(dev).train()
+    gen = torch.Generator().manual_seed(spec["seed"])
+    n, V = spec["batch"], memory.config.vocab_size
+    x = torch.randn(n, memory.config.input_size, generator=gen).to(dev)
+    ids, probs, labels = (t.to(dev) for t in _fake_targets(n, spec["K"], V, gen))
+    try:
+        opt = torch.optim.AdamW(memory.parameters(), lr=1e-4, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(memory.parameters(), lr=1e-4)
+    for p in memory.parameters():  # resident state first: zero grads make AdamW allocate its moments
+        p.grad = torch.zeros_like(p)
+    opt.step()
+
+    def step(loss_fn) -> None:
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated: they are resident state, not step memory
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
+            logits = memory(x)
+        loss_fn(logits, ids, probs, labels, spec["alpha"]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
+        opt.step()
+
+    return step, dev
+
+
+def train_probe(spec: dict) -> dict:
+    """Peak memory of the loss ``spec['loss']`` ('sparse' or 'dense') on (batch, V) logits, forward and then
+    forward + backward (``spec['what'] == 'loss'``), or of one whole training step above the resident
+    parameters + gradients + AdamW state (``'step'``: activations, logits, loss intermediates, their gradients).
+
+    On CPU it is the rise of ru_maxrss, a high-water mark that cannot be reset, so call this in a fresh (forked)
+    process; on CUDA the rise of torch.cuda.max_memory_allocated over the allocated baseline.
+    """
+    from mlpmem.losses import dense_memory_loss, memory_loss
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    loss_fn = {"sparse": memory_loss, "dense": dense_memory_loss}[spec["loss"]]
+    dev = torch.device(spec["device"])
+    cuda = dev.type == "cuda"
+
+    def peak() -> int:
+        sync(dev)
+        return torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()
+
+    if spec["what"] == "step":
+        step, _ = _train_setup(spec)
+    else:
+        gen = torch.Generator().manual_seed(spec["seed"])
+        n, V = spec["batch"], spec["memory_config"]["vocab_size"]
+        logits = torch.randn(n, V, generator=gen).to(dev, torch.bfloat16 if spec["bf16"] else torch.float32)
+        ids, probs, labels = (t.to(dev) for t in _fake_targets(n, spec["K"], V, gen))
+        logits.requires_grad_(True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) if cuda else peak()
+    out = {"memory_measure": "cuda max_memory_allocated" if cuda else "ru_maxrss"}
+    if spec["what"] == "step":
+        step(loss_fn)  # one step: every step allocates the same (autocast weight casts are dropped after each)
+        out["step_peak_bytes"] = peak() - base
+    else:
+        loss = loss_fn(logits, ids, probs, labels, spec["alpha"]).loss
+        out["loss_forward_peak_bytes"] = peak() - base
+        loss.backward()
+        out["loss_peak_bytes"] = peak() - base
+    return out
+
+
+# The probes run in one helper process that pays torch's imports (and the lazy torch._dynamo import of
+# torch.optim) once, then forks a fresh child per probe: each child's ru_maxrss starts at the helper's small RSS.
+_PROBE_SERVER = r"""
+import json, os, sys, traceback
+import torch
+from mlpmem.bench import train_probe
+torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports only; no parallel region runs before fork
+for spec in json.loads(sys.argv[1]):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            os.write(w, json.dumps(train_probe(spec)).encode())
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    if os.waitpid(pid, 0)[1] != 0:
+        sys.exit("probe with the %s loss failed" % spec["loss"])
+    print("@@" + json.dumps({**json.loads(data), "loss": spec["loss"], "what": spec["what"]}), flush=True)
+"""
+
+
+def run_probes(specs: list[dict]) -> list[dict]:
+    """train_probe for each spec: in forked children of a helper process on CPU (ru_maxrss is a high-water mark
+    that cannot be reset), in this process on CUDA (its peak-memory counter can be reset)."""
+    if all(s["device"].startswith("cuda") for s in specs):
+        return [{**train_probe(s), "loss": s["loss"], "what": s["what"]} for s in specs]
+    r = subprocess.run([sys.executable, "-c", _PROBE_SERVER, json.dumps(specs)], capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")]
+    if r.returncode != 0 or len(lines) != len(specs):
+        raise RuntimeError(f"bench: training probes failed: {r.stderr.strip()[-2000:]}")
+    return [json.loads(ln[2:]) for ln in lines]
+
+
+def _interleaved(fns: dict, steps: int, device) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, calls interleaved a, b, a, b, ... after one untimed call of each."""
+    secs: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(steps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            secs[name].append(time.perf_counter() - t0)
+    return secs
+
+
+def bench_training(cfg: Config, memory, device) -> dict:
+    """Sparse vs dense-target loss on the same memory, batch and optimizer: tokens/s of whole training steps and
+    of the loss alone (steps interleaved sparse, dense, sparse, ...; the fastest step of each counts), and each
+    step's peak memory (probes)."""
+    from mlpmem.losses import dense_memory_loss, memory_loss
+
+    mc = memory.config.to_dict()
+    mc["dropout"] = cfg.memory.dropout
+    n, K, V = cfg.train.batch_size, min(cfg.knn.store_ids, cfg.knn.k), memory.config.vocab_size
+    spec = {"memory_config": mc, "batch": n, "K": K, "bf16": cfg.train.bf16, "alpha": cfg.train.alpha,
+            "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads()}
+    losses = {"sparse": memory_loss, "dense": dense_memory_loss}
+    out = {"batch": n, "K": K, "steps": cfg.bench.train_steps, "bf16": cfg.train.bf16,
+           "memory_params": memory.num_parameters()}
+    probes = run_probes([{**spec, "loss": name, "what": what} for what in ("step", "loss") for name in losses])
+    for name in losses:
+        out[name] = {k: v for p in probes if p["loss"] == name for k, v in p.items() if k not in ("loss", "what")}
+    step, _ = _train_setup(spec)
+    per_step = _interleaved({k: (lambda f=f: step(f)) for k, f in losses.items()}, cfg.bench.train_steps, device)
+    del step
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, V, generator=gen).to(device, torch.bfloat16 if cfg.train.bf16 else torch.float32)
+    logits.requires_grad_(True)
+    ids, probs, labels = (t.to(device) for t in _fake_targets(n, K, V, gen))
+
+    def loss_call(f) -> None:
+        logits.grad = None
+        f(logits, ids, probs, labels, cfg.train.alpha).loss.backward()
+
+    per_loss = _interleaved({k: (lambda f=f: loss_call(f)) for k, f in losses.items()}, cfg.bench.train_steps,
+                            device)
+    for name in losses:  # the fastest call: the one least disturbed by other work on the machine
+        out[name].update(tokens_per_s=n / min(per_step[name]), step_s=[round(t, 4) for t in per_step[name]],
+                         loss_only_tokens_per_s=n / min(per_loss[name]))
+        log.info("bench: training with the %s loss: %.0f tok/s (loss alone %.0f), step peak %.0f MiB", name,
+                 out[name]["tokens_per_s"], out[name]["loss_only_tokens_per_s"], out[name]["step_peak_bytes"] / 2**20)
+    out["speedup"] = out["sparse"]["tokens_per_s"] / out["dense"]["tokens_per_s"]
+    out["loss_only_speedup"] = out["sparse"]["loss_only_tokens_per_s"] / out["dense"]["loss_only_tokens_per_s"]
+    out["ram_ratio"] = out["dense"]["step_peak_bytes"] / max(1, out["sparse"]["step_peak_bytes"])
+    out["loss_ram_ratio"] = out["dense"]["loss_peak_bytes"] / max(1, out["sparse"]["loss_peak_bytes"])
+    out["loss_forward_ram_ratio"] = (out["dense"]["loss_forward_peak_bytes"]
+                                     / max(1, out["sparse"]["loss_forward_peak_bytes"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- stage
+
+def run(cfg: Config) -> dict:
+    """Run every measurement, print the table, write ``<run>/bench/bench.json`` and ``bench.png``."""
+    from mlpmem.capture import resolve_hook
+    from mlpmem.lm import load_lm
+    from mlpmem.store import atomic_write_json, atomic_write_text
+
+    t_start = time.perf_counter()
+    b = cfg.bench
+    if min(b.sizes) < cfg.knn.k:
+        raise ValueError(f"--bench.sizes: every size must be >= --knn.k ({cfg.knn.k}), got {min(b.sizes)}")
+    out = cfg.run_dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    phases, t0 = {}, time.perf_counter()
+
+    def phase(name: str) -> None:  # wall time of each part of the bench itself (where its minutes go)
+        nonlocal t0
+        phases[name] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+
+    lm = load_lm(cfg.model)
+    machine = machine_info(lm.device)
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
+    train_toks, test_toks = bench_tokens(cfg, lm.tokenizer)
+    phase("load_and_tokenize")
+    work = out / "extract-tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        extraction, keys, vals = bench_extraction(cfg, lm, hook, train_toks, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    phase("extraction")
+    memory = make_memory(cfg, lm)
+    training = bench_training(cfg, memory, lm.device)
+    phase("training")
+    inference, index_rows, storage = bench_inference(cfg, lm, hook, memory, test_toks, keys, vals)
+    phase("datastores_indexes_inference")
+    machine["load_avg_1m_end"] = machine_info(lm.device).get("load_avg_1m")
+    mc = memory.config
+    res = {
+        "setup": {"model": lm.identity["name"], "dtype": cfg.model.dtype, "hook": str(hook),
+                  "machine": machine, "tokens_scored": inference[0]["systems"]["base"]["tokens"],
+                  "window": cfg.to_dict()["window"], "k": cfg.knn.k, "nprobe": cfg.index.nprobe,
+                  "knn_temperature": cfg.knn.temperature, "knn_distances": cfg.knn.distances,
+                  "real_keys": int(len(keys)), "noise": b.noise, "ivf_train_size": b.ivf_train_size,
+                  "repeats": b.repeats, "sizes": sorted(b.sizes),
+                  "memory": {"family": mc.family, "num_blocks": mc.num_blocks, "hidden_size": mc.hidden_size,
+                             "intermediate_size": mc.intermediate_size, "params": memory.num_parameters(),
+                             "dtype": str(next(memory.parameters()).dtype).replace("torch.", "")}},
+        "notes": [
+            f"datastores: the first {len(keys):,} keys are real (extracted from the model over the train split); "
+            f"larger sizes tile them with Gaussian noise of {b.noise} x each dimension's std, and every size is a "
+            "prefix of the largest",
+            f"IVFPQ indexes are trained on min(N, {b.ivf_train_size:,}) sampled keys (--bench.ivf_train_size), "
+            "nlist ~ 4 sqrt(N) capped at that / 39; the reference setting trains on ~1M keys with nlist 4096",
+            "the memory has random weights (its cost does not depend on them); tokens/s include the LM head and "
+            "everything the eval stage does per token; index build time is excluded",
+            "timings are wall-clock on a possibly shared machine: compare systems within one run",
+        ],
+        "extraction": extraction, "inference": inference, "index": index_rows, "storage": storage,
+        "training": training,
+    }
+    res["ratios"] = ratios(res)
+    res["phase_s"] = phases
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    table = format_table(res)
+    res["table"] = table
+    atomic_write_json(out / "bench.json", res)
+    atomic_write_text(out / "bench.md", table + "\n")
+    plot(res, out / "bench.png")
+    print(table)
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.png'} ({res['wall_s']:.0f} s)")
+    return res
