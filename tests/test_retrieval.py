@@ -18,7 +18,7 @@ from mlpmem.store import StageError
 
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40, "knn.k": 24,
          "knn.store_ids": 24, "knn.query_batch": 200}
-REPEATED = "Repeated: " + " ".join(["river"] * 90) + " and the king."
+REPEATED = "Repeated: " + " ".join(["river"] * 200) + " and the king."
 
 
 @pytest.fixture(scope="module")
