@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 from mlpmem.config import load_config
 from mlpmem.runtime import seed_everything, set_threads, setup_logging

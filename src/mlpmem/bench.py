@@ -17,13 +17,10 @@ geometry). Every size is a prefix of the largest, so sizes up to real_keys are p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +28,9 @@ import numpy as np
 import torch
 
 from mlpmem.bench_report import SYSTEMS, format_table, plot, ratios, si
+from mlpmem.bench_train import bench_training
 from mlpmem.config import Config
-from mlpmem.runtime import machine_info, peak_rss_bytes, sync
+from mlpmem.runtime import machine_info, sync
 
 log = logging.getLogger(__name__)
 
@@ -252,193 +250,6 @@ def bench_inference(cfg: Config, lm, hook, memory, tokens, keys, vals) -> tuple[
 
 
 # ----------------------------------------------------------------------------- training: sparse vs dense loss
-
-def _fake_targets(n: int, K: int, V: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Sparse targets shaped like real ones: K distinct ids per row (last quarter padded with -1), probabilities
-    sorted descending and summing to 1, plus gold labels."""
-    step = max(1, V // K)
-    ids = (torch.randint(0, V, (n, 1), generator=gen) + torch.arange(K) * step) % V
-    probs = torch.rand(n, K, generator=gen).pow(4).sort(1, descending=True).values
-    pad = torch.arange(K) >= max(1, (3 * K) // 4)
-    ids, probs = ids.masked_fill(pad, -1), probs.masked_fill(pad, 0.0)
-    return ids, probs / probs.sum(1, keepdim=True), torch.randint(0, V, (n,), generator=gen)
-
-
-def _train_setup(spec: dict):
-    """(step(loss_fn), device): a memory in training mode, AdamW (fused where supported, as the trainer) with its
-    state and the gradients already allocated, and one fixed batch of random inputs and sparse targets."""
-    from mlpmem.memory import MLPMemory, MLPMemoryConfig
-
-    dev = torch.device(spec["device"])
-    torch.manual_seed(spec["seed"])
-    memory = MLPMemory(MLPMemoryConfig.from_dict(spec["memory_config"])).to(dev).train()
-    gen = torch.Generator().manual_seed(spec["seed"])
-    n, V = spec["batch"], memory.config.vocab_size
-    x = torch.randn(n, memory.config.input_size, generator=gen).to(dev)
-    ids, probs, labels = (t.to(dev) for t in _fake_targets(n, spec["K"], V, gen))
-    try:
-        opt = torch.optim.AdamW(memory.parameters(), lr=1e-4, fused=True)
-    except (RuntimeError, ValueError):
-        opt = torch.optim.AdamW(memory.parameters(), lr=1e-4)
-    for p in memory.parameters():  # resident state first: zero grads make AdamW allocate its moments
-        p.grad = torch.zeros_like(p)
-    opt.step()
-
-    def step(loss_fn) -> None:
-        opt.zero_grad(set_to_none=False)  # gradients stay allocated: they are resident state, not step memory
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
-            logits = memory(x)
-        loss_fn(logits, ids, probs, labels, spec["alpha"]).loss.backward()
-        torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
-        opt.step()
-
-    return step, dev
-
-
-def train_probe(spec: dict) -> dict:
-    """Peak memory of the loss ``spec['loss']`` ('sparse' or 'dense') on (batch, V) logits, forward and then
-    forward + backward (``spec['what'] == 'loss'``), or of one whole training step above the resident
-    parameters + gradients + AdamW state (``'step'``: activations, logits, loss intermediates, their gradients).
-
-    On CPU it is the rise of ru_maxrss, a high-water mark that cannot be reset, so call this in a fresh (forked)
-    process; on CUDA the rise of torch.cuda.max_memory_allocated over the allocated baseline.
-    """
-    from mlpmem.losses import dense_memory_loss, memory_loss
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    loss_fn = {"sparse": memory_loss, "dense": dense_memory_loss}[spec["loss"]]
-    dev = torch.device(spec["device"])
-    cuda = dev.type == "cuda"
-
-    def peak() -> int:
-        sync(dev)
-        return torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()
-
-    if spec["what"] == "step":
-        step, _ = _train_setup(spec)
-    else:
-        gen = torch.Generator().manual_seed(spec["seed"])
-        n, V = spec["batch"], spec["memory_config"]["vocab_size"]
-        logits = torch.randn(n, V, generator=gen).to(dev, torch.bfloat16 if spec["bf16"] else torch.float32)
-        ids, probs, labels = (t.to(dev) for t in _fake_targets(n, spec["K"], V, gen))
-        logits.requires_grad_(True)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev) if cuda else peak()
-    out = {"memory_measure": "cuda max_memory_allocated" if cuda else "ru_maxrss"}
-    if spec["what"] == "step":
-        step(loss_fn)  # one step: every step allocates the same (autocast weight casts are dropped after each)
-        out["step_peak_bytes"] = peak() - base
-    else:
-        loss = loss_fn(logits, ids, probs, labels, spec["alpha"]).loss
-        out["loss_forward_peak_bytes"] = peak() - base
-        loss.backward()
-        out["loss_peak_bytes"] = peak() - base
-    return out
-
-
-# The probes run in one helper process that pays torch's imports (and the lazy torch._dynamo import of
-# torch.optim) once, then forks a fresh child per probe: each child's ru_maxrss starts at the helper's small RSS.
-_PROBE_SERVER = r"""
-import json, os, sys, traceback
-import torch
-from mlpmem.bench import train_probe
-torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports only; no parallel region runs before fork
-for spec in json.loads(sys.argv[1]):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 0
-        try:
-            os.write(w, json.dumps(train_probe(spec)).encode())
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stderr.flush()
-        os._exit(code)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    if os.waitpid(pid, 0)[1] != 0:
-        sys.exit("probe with the %s loss failed" % spec["loss"])
-    print("@@" + json.dumps({**json.loads(data), "loss": spec["loss"], "what": spec["what"]}), flush=True)
-"""
-
-
-def run_probes(specs: list[dict]) -> list[dict]:
-    """train_probe for each spec: in forked children of a helper process on CPU (ru_maxrss is a high-water mark
-    that cannot be reset), in this process on CUDA (its peak-memory counter can be reset)."""
-    if all(s["device"].startswith("cuda") for s in specs):
-        return [{**train_probe(s), "loss": s["loss"], "what": s["what"]} for s in specs]
-    r = subprocess.run([sys.executable, "-c", _PROBE_SERVER, json.dumps(specs)], capture_output=True, text=True)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")]
-    if r.returncode != 0 or len(lines) != len(specs):
-        raise RuntimeError(f"bench: training probes failed: {r.stderr.strip()[-2000:]}")
-    return [json.loads(ln[2:]) for ln in lines]
-
-
-def _interleaved(fns: dict, steps: int, device) -> dict[str, list[float]]:
-    """Seconds of each call of each fn, calls interleaved a, b, a, b, ... after one untimed call of each."""
-    secs: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(steps):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            secs[name].append(time.perf_counter() - t0)
-    return secs
-
-
-def bench_training(cfg: Config, memory, device) -> dict:
-    """Sparse vs dense-target loss on the same memory, batch and optimizer: tokens/s of whole training steps and
-    of the loss alone (steps interleaved sparse, dense, sparse, ...; the fastest step of each counts), and each
-    step's peak memory (probes)."""
-    from mlpmem.losses import dense_memory_loss, memory_loss
-
-    mc = memory.config.to_dict()
-    mc["dropout"] = cfg.memory.dropout
-    n, K, V = cfg.train.batch_size, min(cfg.knn.store_ids, cfg.knn.k), memory.config.vocab_size
-    spec = {"memory_config": mc, "batch": n, "K": K, "bf16": cfg.train.bf16, "alpha": cfg.train.alpha,
-            "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads()}
-    losses = {"sparse": memory_loss, "dense": dense_memory_loss}
-    out = {"batch": n, "K": K, "steps": cfg.bench.train_steps, "bf16": cfg.train.bf16,
-           "memory_params": memory.num_parameters()}
-    probes = run_probes([{**spec, "loss": name, "what": what} for what in ("step", "loss") for name in losses])
-    for name in losses:
-        out[name] = {k: v for p in probes if p["loss"] == name for k, v in p.items() if k not in ("loss", "what")}
-    step, _ = _train_setup(spec)
-    per_step = _interleaved({k: (lambda f=f: step(f)) for k, f in losses.items()}, cfg.bench.train_steps, device)
-    del step
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(n, V, generator=gen).to(device, torch.bfloat16 if cfg.train.bf16 else torch.float32)
-    logits.requires_grad_(True)
-    ids, probs, labels = (t.to(device) for t in _fake_targets(n, K, V, gen))
-
-    def loss_call(f) -> None:
-        logits.grad = None
-        f(logits, ids, probs, labels, cfg.train.alpha).loss.backward()
-
-    per_loss = _interleaved({k: (lambda f=f: loss_call(f)) for k, f in losses.items()}, cfg.bench.train_steps,
-                            device)
-    for name in losses:  # the fastest call: the one least disturbed by other work on the machine
-        out[name].update(tokens_per_s=n / min(per_step[name]), step_s=[round(t, 4) for t in per_step[name]],
-                         loss_only_tokens_per_s=n / min(per_loss[name]))
-        log.info("bench: training with the %s loss: %.0f tok/s (loss alone %.0f), step peak %.0f MiB", name,
-                 out[name]["tokens_per_s"], out[name]["loss_only_tokens_per_s"], out[name]["step_peak_bytes"] / 2**20)
-    out["speedup"] = out["sparse"]["tokens_per_s"] / out["dense"]["tokens_per_s"]
-    out["loss_only_speedup"] = out["sparse"]["loss_only_tokens_per_s"] / out["dense"]["loss_only_tokens_per_s"]
-    out["ram_ratio"] = out["dense"]["step_peak_bytes"] / max(1, out["sparse"]["step_peak_bytes"])
-    out["loss_ram_ratio"] = out["dense"]["loss_peak_bytes"] / max(1, out["sparse"]["loss_peak_bytes"])
-    out["loss_forward_ram_ratio"] = (out["dense"]["loss_forward_peak_bytes"]
-                                     / max(1, out["sparse"]["loss_forward_peak_bytes"]))
-    return out
-
 
 # ----------------------------------------------------------------------------- stage
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
 from mlpmem.config import Config, save_config
 from mlpmem.data import data_dir, load_split
@@ -90,7 +88,7 @@ def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:
 
 def _markdown(results: dict, table: str) -> str:
     w = results["window"]
-    lines = [f"# mlpmem evaluation", "",
+    lines = ["# mlpmem evaluation", "",
              f"Model: {results['model']['name']} ({results['dtype']}); corpus: {results['data']['source']}; "
              f"windows {w['context']}/{w['stride']}; settings tuned on {results['tuned_on']}.", "", table, "",
              "Storage: memory = its parameters on disk; kNN-LM = keys + values + index. "
