@@ -17,3 +17,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_faiss_thread():
+    """Tiny problems: FAISS' OpenMP threads only add stalls when the shared cores are busy."""
+    import faiss
+
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(old)

@@ -22,14 +22,6 @@ def tiny(family: str):
     return Gemma2ForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they only cause oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request):

@@ -13,14 +13,6 @@ from mlpmem.store import StageError
 N, DIM = 3000, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny problems: FAISS' OpenMP threads only add stalls (seconds) when the shared cores are busy."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 
 

@@ -32,14 +32,6 @@ def tiny(family: str):
     return CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5)).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU they only cause oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class StandInMemory(nn.Module):
     """Stand-in for MLPMemory: hidden (..., d) -> logits (..., V); strong weights so it changes the argmax."""

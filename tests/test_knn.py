@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -13,14 +12,6 @@ from mlpmem.knn import (compute_targets, knn_gold_logprobs, leave_one_out_mask, 
                         recompute_distances, renormalise_float16, sparse_knn_distribution)
 from mlpmem.store import Progress, create_memmap
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny problems: FAISS' OpenMP threads only add stalls (seconds) when the shared cores are busy."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- references

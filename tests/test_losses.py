@@ -10,14 +10,6 @@ from mlpmem.losses import dense_memory_loss, memory_loss, sparse_kl
 V = 99
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: more threads only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_targets(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, k) distinct ids per row with a random number of -1 pads at the end, probs summing to 1 (0 at pads)."""

@@ -12,14 +12,6 @@ from mlpmem.memory import MLPMemory, MLPMemoryConfig, init_head_from_lm, memory_
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: more threads only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def gpt2_config() -> GPT2Config:
     return GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)

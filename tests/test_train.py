@@ -15,14 +15,6 @@ from mlpmem.trainer import ArraySource, BatchPlan, InputSource, Targets, evaluat
 V, D, K = 99, 32, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: more threads only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_memory(family: str = "gpt2", dropout: float = 0.0, seed: int = 0) -> MLPMemory:
     torch.manual_seed(seed)
