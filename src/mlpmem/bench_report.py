@@ -118,7 +118,7 @@ def _ratio_rows(r: dict) -> list[str]:
         + "; of the memory / kNN step itself: "
         + ", ".join(f"{k} {v:+.0%}" if v is not None else f"{k} n/a"
                     for k, v in r["component_cost_change_smallest_to_largest"].items()),
-        f"- extraction / bare forward tokens/s: {r['extraction_over_bare']:.2f}",
+        f"- extraction / bare forward tokens/s: {r['extraction_over_bare']:.2f} (median of per-batch ratios)",
         f"- training sparse / dense: x{r['train_speedup_sparse_vs_dense']:.2f} tokens/s (loss alone "
         f"x{r['train_loss_only_speedup_sparse_vs_dense']:.2f}); peak RAM dense / sparse: step "
         f"x{r['train_ram_ratio_dense_over_sparse']:.2f}, loss forward x{r['loss_forward_ram_ratio']:.2f}, "
