@@ -202,7 +202,6 @@ class Datastore:
             raise StageError(f"the datastore in {self.dir} holds keys from hook {m['hook']}, but the config names "
                              f"{expect_hook}: rerun `mlpmem extract --force` or set --extract.hook {m['hook']}")
         self.n, self.dim = m["n_positions"], m["dim"]
-        self.starts = np.array([s["start"] for s in m["shards"]] + [m["shards"][-1]["stop"]])
         try:
             self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
             self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"])
@@ -234,6 +233,3 @@ class Datastore:
         from mlpmem.index import ConcatRows
 
         return ConcatRows(self.keys)[np.asarray(rows, dtype=np.int64)]
-
-    def offsets(self) -> list[int]:
-        return [int(x) for x in self.starts[:-1]]
