@@ -30,3 +30,26 @@ def test_pipeline_end_to_end(tmp_path, family, capsys):
     assert main(args) == 0
     assert "| base |" in capsys.readouterr().out
 
+
+
+def test_eval_resumes_from_saved_scores(tmp_path, monkeypatch):
+    """A crash after scoring loses nothing: a rerun reuses each split's saved scores; another config rescores."""
+    from mlpmem import eval_stage
+
+    cfg = tiny_config(tmp_path, "llama", **{"eval.systems": ["base", "memory"]})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["pipeline", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    ev = tmp_path / "run" / "eval"
+    first = json.loads((ev / "results.json").read_text())
+    (ev / "manifest.json").unlink()  # as if the stage died after scoring, before its manifest
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(eval_stage, "score_tokens", no_scoring)
+    assert main(["eval", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert json.loads((ev / "results.json").read_text())["splits"] == first["splits"]
+    # a changed setting changes the fingerprint: the saved scores are not reused
+    (ev / "manifest.json").unlink()
+    with pytest.raises(AssertionError, match="scored again"):
+        main(["eval", "--config", str(tmp_path / "cfg.yaml"), "--memory.temperature", "2.0"])

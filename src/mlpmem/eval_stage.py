@@ -1,17 +1,29 @@
-"""Stage `eval`: load what exists (LM, memory, index), score the splits in one pass, tune, report."""
+"""Stage `eval`: load what exists (LM, memory, index), score the splits in one pass, tune, report.
+
+Under torchrun each process scores a contiguous share of every split's windows and saves its per-position gold
+log-probabilities to ``<eval>/scores/<split>-<rank>-of-<world>.npz`` (a few numbers per token); rank 0 joins
+the shares in order, so the results equal a single-process run. The saved scores also make the stage resumable:
+a rerun with the same fingerprint and process count reuses them instead of scoring again.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
+from pathlib import Path
+
+import numpy as np
 
 from mlpmem.config import Config, save_config
 from mlpmem.data import data_dir, load_split
-from mlpmem.evaluate import score_tokens, settle
+from mlpmem.evaluate import Scored, score_tokens, settle
 from mlpmem.lm import load_lm
 from mlpmem.report import plot_lambda, plot_training, results_table
-from mlpmem.store import atomic_write_json, atomic_write_text, fingerprint, read_manifest, should_skip, \
-    write_manifest
+from mlpmem.runtime import barrier, dist_info
+from mlpmem.store import StageError, atomic_file, atomic_write_json, atomic_write_text, fingerprint, read_manifest, \
+    should_skip, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +49,33 @@ def run(cfg: Config) -> dict:
     fp = fingerprint("eval", lm.identity["fingerprint"], data_m.get("fingerprint"), cfg.to_dict()["eval"],
                      cfg.to_dict()["window"], cfg.model.dtype, mem_meta.get("fingerprint"),
                      knn_meta.get("fingerprint"), cfg.memory.temperature)
+    dist = dist_info()
     done = should_skip(out, "eval", fp, cfg.force, "mlpmem eval")
     if done:
-        print(done["table"])
+        if dist.is_main:
+            print(done["table"])
         return done
     scored = {}
     for split in cfg.eval.splits:
-        tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
-        t0 = time.time()
-        scored[split] = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
-                                     hook=hook, memory=memory, mem_temperature=cfg.memory.temperature,
-                                     knn_scorer=knn_scorer, desc=f"eval {split}")
-        log.info("eval %s: %d tokens in %.1fs", split, scored[split].n, time.time() - t0)
+        mine = _scores_path(out, split, dist.rank, dist.world_size)
+        sc = None if cfg.force else _load_scores(mine, fp)
+        if sc is None:
+            tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
+            t0 = time.time()
+            sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
+                              hook=hook, memory=memory, mem_temperature=cfg.memory.temperature,
+                              knn_scorer=knn_scorer, desc=f"eval {split}", shard=(dist.rank, dist.world_size))
+            log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
+            _save_scores(mine, sc, fp)
+        else:
+            log.info("eval %s: reusing the scores saved in %s", split, mine)
+        scored[split] = sc
+    barrier()  # every share of every split is on disk
+    if not dist.is_main:
+        return {}
+    if dist.world_size > 1:
+        scored = {split: Scored.join([_load_scores(_scores_path(out, split, r, dist.world_size), fp, strict=True)
+                                      for r in range(dist.world_size)]) for split in cfg.eval.splits}
     results = settle(scored, cfg)
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
     results["model"] = lm.identity
@@ -67,8 +94,41 @@ def run(cfg: Config) -> dict:
     return write_manifest(out, "eval", fp, table=table, results="results.json")
 
 
+def _scores_path(out: Path, split: str, rank: int, world: int) -> Path:
+    return out / "scores" / f"{split}-{rank:05d}-of-{world:05d}.npz"
+
+
+def _save_scores(path: Path, sc: Scored, fp: str) -> None:
+    arrays = {"lm": sc.lm, "meta": np.array(json.dumps({"fingerprint": fp, "seconds": sc.seconds}))}
+    if sc.mem is not None:
+        arrays["mem"] = sc.mem
+    if sc.knn is not None:
+        arrays["knn"] = sc.knn
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_file(path) as f:
+        f.write(buf.getvalue())
+
+
+def _load_scores(path: Path, fp: str, strict: bool = False) -> Scored | None:
+    """The scores saved at ``path`` if they were made with fingerprint ``fp``; else None (or an error if strict)."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["fingerprint"] == fp:
+                return Scored(lm=z["lm"], mem=z["mem"] if "mem" in z else None,
+                              knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"])
+            why = "were made by another configuration"
+    except (OSError, KeyError, ValueError) as e:
+        why = f"cannot be read ({e})"
+    if strict:
+        raise StageError(f"eval: the scores {path} {why}; rerun `mlpmem eval` with the same processes")
+    return None
+
+
 def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:
-    """Parameters, storage bytes and tokens/s per system (timed on the splits just scored)."""
+    """Parameters, storage bytes and tokens/s per system (timed on the splits just scored; per process when
+    several processes shared the work)."""
     n = sum(s.n for s in scored.values())
     secs = {k: sum(s.seconds.get(k, 0.0) for s in scored.values()) for k in ("lm", "memory", "knn")}
     tps = lambda *parts: n / max(sum(secs[p] for p in parts), 1e-9)  # noqa: E731

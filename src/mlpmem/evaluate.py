@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mlpmem.config import Config
-from mlpmem.data import batch_windows, plan_windows
+from mlpmem.data import batch_windows, plan_windows, shard_windows
 from mlpmem.interpolate import mix3
 from mlpmem.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.lm import LoadedLM
@@ -44,6 +44,21 @@ class Scored:
     @property
     def n(self) -> int:
         return int(self.lm.shape[0])
+
+    @staticmethod
+    def join(parts: list["Scored"]) -> "Scored":
+        """Concatenate the scores of consecutive shards of one split (in shard order); seconds add up."""
+        nonempty = [p for p in parts if p.n] or parts[:1]  # a shard with no windows has no memory/kNN arrays
+
+        def cat(name, axis=0):
+            arrs = [getattr(p, name) for p in nonempty]
+            return None if any(a is None for a in arrs) else np.concatenate(arrs, axis=axis)
+
+        secs: dict = {}
+        for p in parts:
+            for k, v in p.seconds.items():
+                secs[k] = secs.get(k, 0.0) + v
+        return Scored(lm=cat("lm"), mem=cat("mem"), knn=cat("knn", axis=1), seconds=secs)
 
 
 def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -80,17 +95,22 @@ def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
 
 def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, batch_size: int,
                  hook=None, memory=None, mem_temperature: float = 1.0, knn_scorer: KnnScorer | None = None,
-                 desc: str = "eval") -> Scored:
+                 desc: str = "eval", shard: tuple[int, int] = (0, 1)) -> Scored:
     """Score every position of a token stream once with sliding windows; return per-position gold log-probs.
 
     ``hook`` (a capture.HookPoint) is needed when a memory or kNN scorer is given: it is where their input
     hidden state (the datastore key) is read, in the same forward pass as the LM's own prediction.
+    ``shard`` = (i, n) scores only the i-th of n contiguous groups of windows (data.shard_windows), so n
+    processes can share a split; concatenating the n results in order gives the unsharded result.
     """
     from mlpmem.capture import capture
     from mlpmem.runtime import progress
 
     model, dev = lm.model, lm.device
     windows = plan_windows(len(tokens), context, stride)
+    check_on = max((w.end - w.begin for w in windows), default=0)
+    if shard != (0, 1):
+        windows = shard_windows(windows, shard[1])[shard[0]]
     need_hidden = memory is not None or knn_scorer is not None
     lm_lp, mem_lp, knn_lp = [], [], []
     secs = {"lm": 0.0, "memory": 0.0, "knn": 0.0}
@@ -98,8 +118,8 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
     bar = progress(total=n_pos, desc=desc, unit="tok")
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     with torch.inference_mode():
-        if windows:
-            _check_model(model, base, tokens, max(w.end - w.begin for w in windows), dev)
+        if check_on:
+            _check_model(model, base, tokens, check_on, dev)
         for ids, mask, group in batch_windows(tokens, windows, batch_size):
             t0 = time.perf_counter()
             ids, mask = ids.to(dev), mask.to(dev)

@@ -20,7 +20,7 @@ def run(cfg: Config) -> dict:
               ("generate", generate.run)]
     timings = {}
     for name, fn in stages:
-        if name in ("eval", "generate") and not dist_info().is_main:
+        if name == "generate" and not dist_info().is_main:  # eval shares its windows among the processes
             continue
         t0 = time.time()
         log.info("=== pipeline: %s ===", name)
