@@ -261,3 +261,20 @@ def test_sweep_covers_the_grid():
     assert sw["memory"][0]["ppl"] == pytest.approx(sw["base"][0]["ppl"])  # lambda 0 is the base LM exactly
     with pytest.raises(ValueError, match="knn_temperatures"):
         sweep(sc, load_config(None, {"eval.knn_temperatures": [1.0]}))
+
+
+@pytest.mark.parametrize("rows,sub", [(256, 32), (7, 3), (5, 5), (1, 1)])
+def test_gold_logprobs_in_chunks_equals_full_log_softmax(rows, sub):
+    from mlpmem.evaluate import gold_logprobs, memory_logprobs_at
+    from mlpmem.memory import MLPMemory, MLPMemoryConfig
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 301, bias=False)
+    h, gold = torch.randn(23, 16), torch.randint(0, 301, (23,))
+    ref = torch.log_softmax(head(h).float() / 0.7, -1).gather(-1, gold[:, None])[:, 0]
+    got = gold_logprobs(head, h, gold, lambda z: z / 0.7, rows=rows, sub=sub)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    mem = MLPMemory(MLPMemoryConfig(family="llama", input_size=16, hidden_size=16, intermediate_size=32,
+                                    num_blocks=2, vocab_size=301)).eval()
+    ref = torch.log_softmax(mem(h).float() / 2.0, -1).gather(-1, gold[:, None])[:, 0]
+    torch.testing.assert_close(memory_logprobs_at(mem, h, gold, 2.0), ref, rtol=0, atol=1e-5)

@@ -61,17 +61,43 @@ class Scored:
         return Scored(lm=cat("lm"), mem=cat("mem"), knn=cat("knn", axis=1), seconds=secs)
 
 
-def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """log softmax(LM head(h))[gold] for (M, d) final hidden states, in chunks so no (M, V) tensor is kept."""
-    head = model.get_output_embeddings()
+def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None, rows: int = 256,
+                  sub: int = 32) -> torch.Tensor:
+    """log softmax(transform(head(hidden)))[gold] for (M, d) hidden states: (M,) float32, no (M, V) tensor kept.
+
+    The head runs on ``rows`` rows at a time (large enough for an efficient matmul) and the float32
+    log-softmax on ``sub`` rows at a time: small buffers the allocator reuses and the cache holds. On CPUs this
+    is several times faster than one log_softmax over (M, V), whose fresh multi-GB temporaries cost more in page
+    faults than in arithmetic (measured in docs/bench.md). ``transform`` maps float32 logits (e.g. a temperature
+    or a soft cap).
+    """
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for i in range(0, hidden.shape[0], rows):
+        z = head(hidden[i:i + rows])
+        for j in range(0, z.shape[0], sub):
+            zs = z[j:j + sub].float()
+            if transform is not None:
+                zs = transform(zs)
+            g = gold[i + j:i + j + zs.shape[0], None]
+            out[i + j:i + j + zs.shape[0]] = zs.gather(-1, g)[:, 0] - torch.logsumexp(zs, -1)
+    return out
+
+
+def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """log softmax(LM head(h))[gold] for (M, d) final hidden states (the model's logit soft cap applied)."""
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    out = []
-    for i in range(0, final_hidden.shape[0], chunk):
-        z = head(final_hidden[i:i + chunk]).float()
-        if cap:
-            z = torch.tanh(z / cap) * cap
-        out.append(z.log_softmax(-1).gather(-1, gold[i:i + chunk, None])[:, 0])
-    return torch.cat(out) if out else torch.zeros(0)
+    transform = (lambda z: torch.tanh(z / cap) * cap) if cap else None
+    return gold_logprobs(model.get_output_embeddings(), final_hidden, gold, transform)
+
+
+def memory_logprobs_at(memory, keys: torch.Tensor, gold: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(memory(keys) / T)[gold], (M,) float32, computed like head_logprobs_at. An MLPMemory runs its
+    blocks once and its head in chunks; any other module mapping keys to logits is applied in chunks whole."""
+    transform = None if temperature == 1.0 else (lambda z: z / temperature)
+    keys = keys.to(next(memory.parameters()).dtype)
+    if hasattr(memory, "features") and hasattr(memory, "head"):
+        return gold_logprobs(memory.head, memory.features(keys), gold, transform)
+    return gold_logprobs(memory, keys, gold, transform)
 
 
 def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
@@ -143,8 +169,7 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
             t1 = time.perf_counter()
             secs["lm"] += t1 - t0
             if memory is not None:
-                z = memory(keys.to(next(memory.parameters()).dtype)).float() / mem_temperature
-                mem_lp.append(z.log_softmax(-1).gather(-1, gold[:, None])[:, 0].double().cpu().numpy())
+                mem_lp.append(memory_logprobs_at(memory, keys, gold, mem_temperature).double().cpu().numpy())
                 t2 = time.perf_counter()
                 secs["memory"] += t2 - t1
                 t1 = t2

@@ -209,6 +209,10 @@ class MLPMemory(nn.Module):
         The input is cast to the parameter dtype first (keys are stored as float16, the memory may be float32);
         under autocast the matmuls then run in the autocast dtype.
         """
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but the output head: the final normalised hidden state (..., hidden_size)."""
         if x.shape[-1] != self.config.input_size:
             raise ValueError(f"x: last dimension must be input_size={self.config.input_size}, got {tuple(x.shape)}")
         x = x.to(self.head.weight.dtype)
@@ -216,7 +220,7 @@ class MLPMemory(nn.Module):
             x = self.in_proj(x)
         for b in self.blocks:
             x = b(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
