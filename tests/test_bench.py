@@ -13,7 +13,7 @@ from mlpmem import bench
 def test_bench_smoke(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "llama", **{
         "bench.sizes": [400, 200], "bench.real_keys": 300, "bench.tokens": 96, "bench.train_steps": 1,
-        "bench.ivf_train_size": 300, "index.nprobe": 2, "train.batch_size": 32})
+        "bench.ivf_train_size": 300, "index.nprobe": 2, "train.batch_size": 32, "bench.memory_blocks": [1, 0]})
     res = bench.run(cfg)
     saved = json.loads((tmp_path / "run" / "bench" / "bench.json").read_text())
     assert (tmp_path / "run" / "bench" / "bench.png").stat().st_size > 0
@@ -21,7 +21,9 @@ def test_bench_smoke(tmp_path, capsys):
         assert section in saved, section
     assert [r["size"] for r in saved["inference"]] == [200, 400]
     for row in saved["inference"]:
-        assert set(row["systems"]) == set(bench.SYSTEMS)
+        # the tiny LM has 2 layers: 1 block, then the depth rule's 3 (1.5 x 2 layers)
+        assert list(row["systems"]) == ["base", "base+memory-1b", "base+memory-3b", "base+knn-flat",
+                                        "base+knn-ivfpq"]
         for s in row["systems"].values():
             assert s["tokens_per_s"] > 0 and s["tokens"] == 96 and math.isfinite(s["base_ppl"])
     for row in saved["index"]:
@@ -29,18 +31,25 @@ def test_bench_smoke(tmp_path, capsys):
         assert row["flat"]["build_s"] >= 0 and row["ivfpq"]["bytes"] > 0
     for st in saved["storage"]:
         assert st["datastore_bytes"] == st["size"] * (32 * 2 + 4)
-        assert st["flat_index_bytes"] >= st["size"] * 32 * 4 and st["memory_bytes"] > 0
+        assert st["flat_index_bytes"] >= st["size"] * 32 * 4
+        assert 0 < st["memory_bytes"]["base+memory-1b"] < st["memory_bytes"]["base+memory-3b"]
     e = saved["extraction"]
     assert e["positions"] == 300 and e["bare_tokens_per_s"] > 0 and e["extract_tokens_per_s"] > 0
     t = saved["training"]
-    for name in ("sparse", "dense"):
+    assert t["memory"] == "memory-1b"
+    for name in ("sparse", "sparse-autograd", "dense", "dense-loop"):
         assert t[name]["tokens_per_s"] > 0 and t[name]["loss_only_tokens_per_s"] > 0
         for key in ("step_peak_bytes", "loss_forward_peak_bytes", "loss_peak_bytes"):
             assert t[name][key] >= 0, key
     r = saved["ratios"]
     for key in ("memory_over_base", "speedup_memory_vs_knn_flat_largest", "speedup_memory_vs_knn_ivfpq_largest",
-                "extraction_over_bare", "train_speedup_sparse_vs_dense"):
-        assert r[key] > 0 and math.isfinite(r[key]), key
+                "component_speedup_memory_vs_knn_ivfpq_largest"):
+        assert set(r[key]) == {"base+memory-1b", "base+memory-3b"}, key
+        assert all(v > 0 and math.isfinite(v) for v in r[key].values()), key
+    assert r["extraction_over_bare"] > 0
+    assert set(r["train_sparse_vs"]) == {"sparse-autograd", "dense", "dense-loop"}
+    for v in r["train_sparse_vs"].values():
+        assert all(x > 0 and math.isfinite(x) for x in v.values())
     assert res["ratios"] == saved["ratios"]
     out = capsys.readouterr().out
     assert "Inference tokens/s" in out and "Ratios:" in out
@@ -67,3 +76,24 @@ def test_synth_datastore_tiles_real_keys_with_noise():
                                                  (200, 32, 200, "IVF4,PQ32x2")])
 def test_ivfpq_factory(n, d, n_train, expect):
     assert bench.ivfpq_factory(n, d, n_train) == expect
+
+
+def test_bench_losses_agree():
+    """Every loss the bench times computes the same loss and gradient (they differ only in how)."""
+    import torch
+
+    from mlpmem.bench_train import _fake_targets, loss_fns
+
+    gen = torch.Generator().manual_seed(0)
+    ids, probs, labels = _fake_targets(6, 8, 50, gen)
+    base = torch.randn(6, 50, generator=gen)
+    out = {}
+    for name, fn in loss_fns().items():
+        z = base.clone().requires_grad_(True)
+        loss = fn(z, ids, probs, labels, 0.4).loss
+        loss.backward()
+        out[name] = (loss.item(), z.grad)
+    ref_loss, ref_grad = out["dense"]
+    for name, (loss, grad) in out.items():
+        assert loss == pytest.approx(ref_loss, rel=1e-5), name
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -3,12 +3,14 @@
 Every number comes from the same run, the same model, dtype, device and scored tokens (see docs/bench.md):
 
 - inference tokens/s of sliding-window scoring (``evaluate.score_tokens``, the eval stage's own code path) for
-  the base LM, base + memory (random weights: cost does not depend on them) and base + kNN-LM with a Flat and an
-  IVFPQ index, at each datastore size of ``--bench.sizes``;
+  the base LM, base + memory for each size of ``--bench.memory_blocks`` (random weights: cost does not depend on
+  them) and base + kNN-LM with a Flat and an IVFPQ index, at each datastore size of ``--bench.sizes``;
 - index build seconds and storage bytes (datastore, indexes, memory) per size;
 - key extraction (``extract.extract_shard``: forward_hidden + float16 copy into a memmap) against the bare body
   forward on the same windows, interleaved chunk by chunk so load drift hits both alike;
-- memory training steps with the sparse loss vs the dense-target loss: tokens/s and peak RAM.
+- memory training steps with the trainer's sparse loss vs the same loss through plain autograd (its previous
+  implementation) and vs dense vocabulary-size targets (one scatter, or rebuilt row by row as earlier
+  implementations did): tokens/s and peak RAM.
 
 Datastores: ``--bench.real_keys`` real keys are extracted from the base LM over the train split; a larger size
 repeats them with Gaussian noise of ``--bench.noise`` x each dimension's std (distinct vectors with the real keys'
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.bench_report import SYSTEMS, format_table, plot, ratios, si
+from mlpmem.bench_report import format_table, plot, ratios, si
 from mlpmem.bench_train import bench_training
 from mlpmem.config import Config
 from mlpmem.runtime import machine_info, sync
@@ -192,14 +194,19 @@ def knn_scorer(index, vals: np.ndarray, keys: np.ndarray, k: int, temperature: f
     return scorer
 
 
-def make_memory(cfg: Config, lm):
+def make_memories(cfg: Config, lm) -> dict:
+    """{system name: memory} for each of --bench.memory_blocks (0: the depth rule), in the inference dtype, with
+    random weights; named ``base+memory-<blocks>b``."""
     from mlpmem.lm import DTYPES
     from mlpmem.memory import MLPMemory, memory_config_for
 
-    mc = memory_config_for(lm.model.config, num_blocks=cfg.memory.num_blocks, hidden_size=cfg.memory.hidden_size,
-                           intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout)
-    torch.manual_seed(cfg.seed)
-    return MLPMemory(mc).to(lm.device, DTYPES[cfg.model.dtype]).eval()
+    out = {}
+    for nb in cfg.bench.memory_blocks:
+        mc = memory_config_for(lm.model.config, num_blocks=nb or None, hidden_size=cfg.memory.hidden_size,
+                               intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout)
+        torch.manual_seed(cfg.seed)
+        out.setdefault(f"base+memory-{mc.num_blocks}b", MLPMemory(mc).to(lm.device, DTYPES[cfg.model.dtype]).eval())
+    return out
 
 
 def round_robin(cfg: Config, lm, tokens: np.ndarray, runners: dict[str, dict], tag: str) -> dict[str, dict]:
@@ -222,7 +229,7 @@ def round_robin(cfg: Config, lm, tokens: np.ndarray, runners: dict[str, dict], t
     return best
 
 
-def bench_inference(cfg: Config, lm, hook, memory, tokens, keys, vals) -> tuple[list, list, list]:
+def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -> tuple[list, list, list]:
     """Per datastore size: tokens/s of every system, index build times, storage bytes."""
     from mlpmem.index import build_index, set_nprobe
 
@@ -233,12 +240,14 @@ def bench_inference(cfg: Config, lm, hook, memory, tokens, keys, vals) -> tuple[
              b.noise)
     all_keys, all_vals = synth_datastore(keys, vals, sizes[-1], b.noise, cfg.seed)
     warm = tokens[: min(len(tokens), cfg.window.context + 1)]
-    time_scoring(cfg, lm, warm, "warm-up", hook=hook, memory=memory)  # kernels + allocator, not timed
-    mem_bytes = memory.num_parameters() * next(memory.parameters()).element_size()
+    for memory in memories.values():  # kernels + allocator, not timed
+        time_scoring(cfg, lm, warm, "warm-up", hook=hook, memory=memory)
+    mem_bytes = {name: m.num_parameters() * next(m.parameters()).element_size() for name, m in memories.items()}
     inference, index_rows, storage = [], [], []
     for n in sizes:
         xb, vb = all_keys[:n], all_vals[:n]
-        irow, runners = {"size": n}, {"base": {}, "base+memory": {"hook": hook, "memory": memory}}
+        runners = {"base": {}, **{name: {"hook": hook, "memory": m} for name, m in memories.items()}}
+        irow = {"size": n}
         for kind, spec in (("flat", "Flat"), ("ivfpq", ivfpq_factory(n, d, min(n, b.ivf_train_size)))):
             t0 = time.perf_counter()
             index = build_index(xb, spec, b.ivf_train_size, min(cfg.index.add_chunk, 1 << 18), cfg.seed,
@@ -256,10 +265,9 @@ def bench_inference(cfg: Config, lm, hook, memory, tokens, keys, vals) -> tuple[
         inference.append(row)
         index_rows.append(irow)
         storage.append({"size": n, "datastore_bytes": int(n * (d * 2 + 4)), "flat_index_bytes": irow["flat"]["bytes"],
-                        "ivfpq_index_bytes": irow["ivfpq"]["bytes"], "memory_bytes": int(mem_bytes),
-                        "memory_params": memory.num_parameters()})
-        log.info("bench: N=%d base %.0f, +memory %.0f, +kNN flat %.0f, +kNN ivfpq %.0f tok/s", n,
-                 *(row["systems"][s]["tokens_per_s"] for s in SYSTEMS))
+                        "ivfpq_index_bytes": irow["ivfpq"]["bytes"], "memory_bytes": mem_bytes})
+        log.info("bench: N=%d %s", n,
+                 ", ".join(f"{s} {r['tokens_per_s']:.0f} tok/s" for s, r in row["systems"].items()))
     return inference, index_rows, storage
 
 
@@ -298,13 +306,12 @@ def run(cfg: Config) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     phase("extraction")
-    memory = make_memory(cfg, lm)
-    training = bench_training(cfg, memory, lm.device)
+    memories = make_memories(cfg, lm)
+    training = bench_training(cfg, next(iter(memories.values())), lm.device)
     phase("training")
-    inference, index_rows, storage = bench_inference(cfg, lm, hook, memory, test_toks, keys, vals)
+    inference, index_rows, storage = bench_inference(cfg, lm, hook, memories, test_toks, keys, vals)
     phase("datastores_indexes_inference")
     machine["load_avg_1m_end"] = machine_info(lm.device).get("load_avg_1m")
-    mc = memory.config
     res = {
         "setup": {"model": lm.identity["name"], "dtype": cfg.model.dtype, "hook": str(hook),
                   "machine": machine, "tokens_scored": inference[0]["systems"]["base"]["tokens"],
@@ -312,9 +319,12 @@ def run(cfg: Config) -> dict:
                   "knn_temperature": cfg.knn.temperature, "knn_distances": cfg.knn.distances,
                   "real_keys": int(len(keys)), "noise": b.noise, "ivf_train_size": b.ivf_train_size,
                   "repeats": b.repeats, "sizes": sorted(b.sizes),
-                  "memory": {"family": mc.family, "num_blocks": mc.num_blocks, "hidden_size": mc.hidden_size,
-                             "intermediate_size": mc.intermediate_size, "params": memory.num_parameters(),
-                             "dtype": str(next(memory.parameters()).dtype).replace("torch.", "")}},
+                  "memories": {name: {"family": m.config.family, "num_blocks": m.config.num_blocks,
+                                      "hidden_size": m.config.hidden_size,
+                                      "intermediate_size": m.config.intermediate_size,
+                                      "params": m.num_parameters(),
+                                      "dtype": str(next(m.parameters()).dtype).replace("torch.", "")}
+                               for name, m in memories.items()}},
         "notes": [
             f"datastores: the first {len(keys):,} keys are real (extracted from the model over the train split); "
             f"larger sizes tile them with Gaussian noise of {b.noise} x each dimension's std, and every size is a "

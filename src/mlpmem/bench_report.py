@@ -6,44 +6,55 @@ from pathlib import Path
 
 import numpy as np
 
-SYSTEMS = ("base", "base+memory", "base+knn-flat", "base+knn-ivfpq")
+KNN_SYSTEMS = ("base+knn-flat", "base+knn-ivfpq")
+
+
+def systems(res: dict) -> list[str]:
+    """The timed systems in order: base, base+memory-<blocks>b for each memory, base+knn-flat, base+knn-ivfpq."""
+    return list(res["inference"][0]["systems"])
+
+
+def memory_systems(res: dict) -> list[str]:
+    return [s for s in systems(res) if s.startswith("base+memory")]
 
 
 def ratios(res: dict) -> dict:
-    """The headline ratios (see docs/bench.md): fractions and speed-ups of tokens/s, cost growth, RAM ratios."""
+    """The headline ratios (see docs/bench.md): fractions and speed-ups of tokens/s, cost growth, RAM ratios.
+    Ratios about a memory are dicts keyed by its system name (one per --bench.memory_blocks)."""
     inf = res["inference"]
-    tps = {s: [r["systems"][s]["tokens_per_s"] for r in inf] for s in SYSTEMS}
+    tps = {s: [r["systems"][s]["tokens_per_s"] for r in inf] for s in systems(res)}
     small, large = inf[0], inf[-1]
 
     def cost_change(s: str) -> float:  # relative change of seconds per token, smallest -> largest datastore
         return tps[s][0] / tps[s][-1] - 1.0
 
-    mem_frac = [m / b for m, b in zip(tps["base+memory"], tps["base"])]
+    mems = memory_systems(res)
+    mem_frac = {m: [x / b for x, b in zip(tps[m], tps["base"])] for m in mems}
     own = component_us_per_token(res)
+    t = res["training"]
     return {
-        "memory_over_base": float(np.mean(mem_frac)),
+        "memory_over_base": {m: float(np.mean(f)) for m, f in mem_frac.items()},
         "memory_over_base_per_size": mem_frac,
         "largest_size": large["size"],
         "smallest_size": small["size"],
-        "speedup_memory_vs_knn_flat_largest": tps["base+memory"][-1] / tps["base+knn-flat"][-1],
-        "speedup_memory_vs_knn_ivfpq_largest": tps["base+memory"][-1] / tps["base+knn-ivfpq"][-1],
-        "cost_change_smallest_to_largest": {s: cost_change(s) for s in SYSTEMS},
+        **{f"speedup_memory_vs_knn_{kind}_largest": {m: tps[m][-1] / tps[f"base+knn-{kind}"][-1] for m in mems}
+           for kind in ("flat", "ivfpq")},
+        "cost_change_smallest_to_largest": {s: cost_change(s) for s in systems(res)},
         "component_us_per_token": own,
         "component_cost_change_smallest_to_largest": {s: v[-1] / v[0] - 1.0 if v[0] > 0 else None
                                                       for s, v in own.items()},
+        "component_speedup_memory_vs_knn_ivfpq_largest": {m: own["base+knn-ivfpq"][-1] / max(own[m][-1], 1e-9)
+                                                          for m in mems},
         "extraction_over_bare": res["extraction"]["ratio"],
-        "train_speedup_sparse_vs_dense": res["training"]["speedup"],
-        "train_loss_only_speedup_sparse_vs_dense": res["training"]["loss_only_speedup"],
-        "train_ram_ratio_dense_over_sparse": res["training"]["ram_ratio"],
-        "loss_forward_ram_ratio": res["training"]["loss_forward_ram_ratio"],
-        "loss_ram_ratio": res["training"]["loss_ram_ratio"],
+        "train_memory": t["memory"],
+        "train_sparse_vs": t["vs"],
     }
 
 
 def component_us_per_token(res: dict) -> dict[str, list[float]]:
     """Per system and size, µs per token spent in the memory or kNN step itself (timed inside score_tokens around
     that step alone, so less exposed to noise in the LM's share than differences of whole-pass timings)."""
-    part = {"base+memory": "memory", "base+knn-flat": "knn", "base+knn-ivfpq": "knn"}
+    part = {**{m: "memory" for m in memory_systems(res)}, **{k: "knn" for k in KNN_SYSTEMS}}
     return {s: [r["systems"][s]["parts_s"].get(p, 0.0) / r["systems"][s]["tokens"] * 1e6 for r in res["inference"]]
             for s, p in part.items()}
 
@@ -61,43 +72,53 @@ def _mb(b: float) -> str:
 
 
 def _header(s: dict) -> str:
-    m, mem, w = s["machine"], s["memory"], s["window"]
+    m, w = s["machine"], s["window"]
+    mems = "; ".join(f"{name}: {x['num_blocks']} blocks, {x['params'] / 1e6:.1f}M params"
+                     for name, x in s["memories"].items())
     return (f"mlpmem bench: {s['model']} ({s['dtype']}) on {m['device']} ({m['cpu']}, {m['torch_threads']} torch "
             f"threads, load {m.get('load_avg_1m', '?')} -> {m.get('load_avg_1m_end', '?')}); "
             f"{s['tokens_scored']} tokens scored per system, window {w['context']}/{w['stride']}, k={s['k']}, "
-            f"nprobe={s['nprobe']}; memory {mem['num_blocks']} blocks, {mem['params'] / 1e6:.1f}M params")
+            f"nprobe={s['nprobe']}; {mems}")
+
+
+def _short(system: str) -> str:
+    return system.replace("base+knn-flat", "base+kNN Flat").replace("base+knn-ivfpq", "base+kNN IVFPQ")
 
 
 def _inference_rows(res: dict) -> list[str]:
+    names = systems(res)
     out = ["Inference tokens/s (in brackets: us/token spent in the memory / kNN step itself):",
-           "| datastore | base | base+memory | base+kNN Flat | base+kNN IVFPQ |", "|---|---|---|---|---|"]
+           "| datastore | " + " | ".join(_short(s) for s in names) + " |", "|---" * (len(names) + 1) + "|"]
     own = component_us_per_token(res)
     for i, row in enumerate(res["inference"]):
         sy = row["systems"]
         cells = [f"{sy['base']['tokens_per_s']:,.0f}"]
-        cells += [f"{sy[k]['tokens_per_s']:,.0f} ({own[k][i]:,.0f})" for k in SYSTEMS[1:]]
+        cells += [f"{sy[k]['tokens_per_s']:,.0f} ({own[k][i]:,.0f})" for k in names[1:]]
         out.append(f"| {si(row['size'])} | " + " | ".join(cells) + " |")
     return out
 
 
 def _storage_rows(res: dict) -> list[str]:
+    mems = memory_systems(res)
     out = ["Index build (s, not part of inference) and storage (MiB):",
-           "| datastore | keys+vals | Flat index | IVFPQ index (factory) | memory | Flat build | IVFPQ build |",
-           "|---|---|---|---|---|---|---|"]
+           "| datastore | keys+vals | Flat index | IVFPQ index (factory) | "
+           + " | ".join(m.replace("base+", "") for m in mems) + " | Flat build | IVFPQ build |",
+           "|---" * (6 + len(mems)) + "|"]
     for st, ix in zip(res["storage"], res["index"]):
         out.append(f"| {si(st['size'])} | {_mb(st['datastore_bytes'])} | {_mb(st['flat_index_bytes'])} | "
-                   f"{_mb(st['ivfpq_index_bytes'])} ({ix['ivfpq']['factory']}) | {_mb(st['memory_bytes'])} | "
-                   f"{ix['flat']['build_s']:.1f} | {ix['ivfpq']['build_s']:.1f} |")
+                   f"{_mb(st['ivfpq_index_bytes'])} ({ix['ivfpq']['factory']}) | "
+                   + " | ".join(_mb(st["memory_bytes"][m]) for m in mems)
+                   + f" | {ix['flat']['build_s']:.1f} | {ix['ivfpq']['build_s']:.1f} |")
     return out
 
 
 def _training_rows(res: dict) -> list[str]:
     t = res["training"]
-    out = [f"Memory training (batch {t['batch']}, K={t['K']}, {t['steps']} steps each, bf16 {t['bf16']}; "
-           f"peak memory by {t['sparse']['memory_measure']}):",
+    out = [f"Memory training ({t['memory']}, batch {t['batch']}, K={t['K']}, {t['steps']} steps each, "
+           f"bf16 {t['bf16']}; peak memory by {t['sparse']['memory_measure']}):",
            "| loss | step tok/s | loss alone tok/s | step peak MiB | loss fwd peak MiB | loss fwd+bwd peak MiB |",
            "|---|---|---|---|---|---|"]
-    for name in ("sparse", "dense"):
+    for name in t["losses"]:
         x = t[name]
         out.append(f"| {name} | {x['tokens_per_s']:,.0f} | {x['loss_only_tokens_per_s']:,.0f} | "
                    f"{_mb(x['step_peak_bytes'])} | {_mb(x['loss_forward_peak_bytes'])} | "
@@ -107,23 +128,28 @@ def _training_rows(res: dict) -> list[str]:
 
 def _ratio_rows(r: dict) -> list[str]:
     lo, hi = si(r["smallest_size"]), si(r["largest_size"])
-    return [
-        "Ratios:",
-        f"- base+memory tokens/s / base: {r['memory_over_base']:.2f} (per size: "
-        + ", ".join(f"{x:.2f}" for x in r["memory_over_base_per_size"]) + ")",
-        f"- base+memory over base+kNN at {hi} keys: x{r['speedup_memory_vs_knn_flat_largest']:.1f} (Flat), "
-        f"x{r['speedup_memory_vs_knn_ivfpq_largest']:.2f} (IVFPQ)",
+    out = ["Ratios:"]
+    for m, frac in r["memory_over_base"].items():
+        out.append(f"- {m} tokens/s / base: {frac:.2f} (per size: "
+                   + ", ".join(f"{x:.2f}" for x in r["memory_over_base_per_size"][m]) + ")")
+    for m in r["memory_over_base"]:
+        out.append(f"- {m} over base+kNN at {hi} keys: x{r['speedup_memory_vs_knn_flat_largest'][m]:.1f} (Flat), "
+                   f"x{r['speedup_memory_vs_knn_ivfpq_largest'][m]:.2f} (IVFPQ); the memory step alone vs the "
+                   f"IVFPQ kNN step alone: x{r['component_speedup_memory_vs_knn_ivfpq_largest'][m]:.1f}")
+    out += [
         f"- cost per token, {lo} -> {hi} keys: "
         + ", ".join(f"{k} {v:+.0%}" for k, v in r["cost_change_smallest_to_largest"].items())
         + "; of the memory / kNN step itself: "
         + ", ".join(f"{k} {v:+.0%}" if v is not None else f"{k} n/a"
                     for k, v in r["component_cost_change_smallest_to_largest"].items()),
         f"- extraction / bare forward tokens/s: {r['extraction_over_bare']:.2f} (median of per-batch ratios)",
-        f"- training sparse / dense: x{r['train_speedup_sparse_vs_dense']:.2f} tokens/s (loss alone "
-        f"x{r['train_loss_only_speedup_sparse_vs_dense']:.2f}); peak RAM dense / sparse: step "
-        f"x{r['train_ram_ratio_dense_over_sparse']:.2f}, loss forward x{r['loss_forward_ram_ratio']:.2f}, "
-        f"loss forward+backward x{r['loss_ram_ratio']:.2f}",
     ]
+    for name, v in r["train_sparse_vs"].items():
+        out.append(f"- training ({r['train_memory']}), sparse vs {name}: x{v['step_speedup']:.2f} step tokens/s "
+                   f"(loss alone x{v['loss_only_speedup']:.2f}); {name} / sparse peak RAM: step "
+                   f"x{v['step_ram_ratio']:.2f}, loss forward x{v['loss_forward_ram_ratio']:.2f}, "
+                   f"loss forward+backward x{v['loss_ram_ratio']:.2f}")
+    return out
 
 
 def format_table(res: dict) -> str:
@@ -144,15 +170,20 @@ def plot(res: dict, path: Path) -> None:
 
     sizes = [r["size"] for r in res["inference"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s, style in zip(SYSTEMS, ("k--", "C0o-", "C3s-", "C1^-")):
-        a.plot(sizes, [r["systems"][s]["tokens_per_s"] for r in res["inference"]], style, label=s)
+    mems = memory_systems(res)
+    styles = {"base": "k--", "base+knn-flat": "C3s-", "base+knn-ivfpq": "C1^-",
+              **{m: f"C{(0, 2, 4, 5, 6)[i % 5]}o-" for i, m in enumerate(mems)}}
+    for s in systems(res):
+        a.plot(sizes, [r["systems"][s]["tokens_per_s"] for r in res["inference"]], styles[s], label=s)
     a.set(xscale="log", yscale="log", xlabel="datastore size (keys)", ylabel="tokens/s (scoring)",
           title="Inference throughput vs datastore size")
     a.legend()
     st = res["storage"]
-    for key, style, label in (("datastore_bytes", "C2o-", "keys+vals"), ("flat_index_bytes", "C3s-", "Flat index"),
-                              ("ivfpq_index_bytes", "C1^-", "IVFPQ index"), ("memory_bytes", "C0o-", "memory")):
+    for key, style, label in (("datastore_bytes", "C7o-", "keys+vals"), ("flat_index_bytes", "C3s-", "Flat index"),
+                              ("ivfpq_index_bytes", "C1^-", "IVFPQ index")):
         b.plot(sizes, [x[key] / 2**20 for x in st], style, label=label)
+    for m in mems:
+        b.plot(sizes, [x["memory_bytes"][m] / 2**20 for x in st], styles[m], label=m.replace("base+", ""))
     b.set(xscale="log", yscale="log", xlabel="datastore size (keys)", ylabel="MiB", title="Storage")
     b.legend()
     m = res["setup"]

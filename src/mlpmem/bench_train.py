@@ -19,6 +19,32 @@ from mlpmem.runtime import peak_rss_bytes, sync
 
 log = logging.getLogger(__name__)
 
+# the losses compared, in the report's order: the trainer's (chunked custom backward), the same loss through plain
+# autograd (what the trainer used before), dense targets built by one scatter, and dense targets built per row
+LOSSES = ("sparse", "sparse-autograd", "dense", "dense-loop")
+
+
+def dense_loop_memory_loss(logits, tgt_ids, tgt_probs, labels, alpha):
+    """Dense targets rebuilt row by row in a Python loop, as earlier implementations did (one vocabulary-size
+    vector per position, stacked into (N, V) float32), then the same KL + CE as ``losses.dense_memory_loss``."""
+    from mlpmem.losses import dense_target_loss
+
+    n, v = logits.shape
+    rows = []
+    for i in range(n):
+        row = torch.zeros(v, dtype=torch.float32, device=logits.device)
+        keep = tgt_ids[i] >= 0
+        row.index_add_(0, tgt_ids[i][keep].long(), tgt_probs[i][keep].float())
+        rows.append(row)
+    return dense_target_loss(logits, torch.stack(rows), labels, alpha)
+
+
+def loss_fns() -> dict:
+    from mlpmem.losses import dense_memory_loss, memory_loss, memory_loss_autograd
+
+    return {"sparse": memory_loss, "sparse-autograd": memory_loss_autograd, "dense": dense_memory_loss,
+            "dense-loop": dense_loop_memory_loss}
+
 
 def _fake_targets(n: int, K: int, V: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Sparse targets shaped like real ones: K distinct ids per row (last quarter padded with -1), probabilities
@@ -63,18 +89,16 @@ def _train_setup(spec: dict):
 
 
 def train_probe(spec: dict) -> dict:
-    """Peak memory of the loss ``spec['loss']`` ('sparse' or 'dense') on (batch, V) logits, forward and then
+    """Peak memory of the loss ``spec['loss']`` (one of LOSSES) on (batch, V) logits, forward and then
     forward + backward (``spec['what'] == 'loss'``), or of one whole training step above the resident
     parameters + gradients + AdamW state (``'step'``: activations, logits, loss intermediates, their gradients).
 
     On CPU it is the rise of ru_maxrss, a high-water mark that cannot be reset, so call this in a fresh (forked)
     process; on CUDA the rise of torch.cuda.max_memory_allocated over the allocated baseline.
     """
-    from mlpmem.losses import dense_memory_loss, memory_loss
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    loss_fn = {"sparse": memory_loss, "dense": dense_memory_loss}[spec["loss"]]
+    loss_fn = loss_fns()[spec["loss"]]
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
 
@@ -163,19 +187,17 @@ def _interleaved(fns: dict, steps: int, device) -> dict[str, list[float]]:
 
 
 def bench_training(cfg: Config, memory, device) -> dict:
-    """Sparse vs dense-target loss on the same memory, batch and optimizer: tokens/s of whole training steps and
-    of the loss alone (steps interleaved sparse, dense, sparse, ...; the fastest step of each counts), and each
-    step's peak memory (probes)."""
-    from mlpmem.losses import dense_memory_loss, memory_loss
-
+    """The LOSSES on the same memory, batch and optimizer: tokens/s of whole training steps and of the loss alone
+    (steps interleaved sparse, sparse-autograd, dense, ..., sparse, ...; the fastest step of each counts), and
+    each step's peak memory (probes)."""
     mc = memory.config.to_dict()
     mc["dropout"] = cfg.memory.dropout
     n, K, V = cfg.train.batch_size, min(cfg.knn.store_ids, cfg.knn.k), memory.config.vocab_size
     spec = {"memory_config": mc, "batch": n, "K": K, "bf16": cfg.train.bf16, "alpha": cfg.train.alpha,
             "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads()}
-    losses = {"sparse": memory_loss, "dense": dense_memory_loss}
-    out = {"batch": n, "K": K, "steps": cfg.bench.train_steps, "bf16": cfg.train.bf16,
-           "memory_params": memory.num_parameters()}
+    losses = loss_fns()
+    out = {"batch": n, "K": K, "steps": cfg.bench.train_steps, "bf16": cfg.train.bf16, "losses": list(LOSSES),
+           "memory": f"memory-{memory.config.num_blocks}b", "memory_params": memory.num_parameters()}
     probes = run_probes([{**spec, "loss": name, "what": what} for what in ("step", "loss") for name in losses])
     for name in losses:
         out[name] = {k: v for p in probes if p["loss"] == name for k, v in p.items() if k not in ("loss", "what")}
@@ -197,10 +219,13 @@ def bench_training(cfg: Config, memory, device) -> dict:
                          loss_only_tokens_per_s=n / min(per_loss[name]))
         log.info("bench: training with the %s loss: %.0f tok/s (loss alone %.0f), step peak %.0f MiB", name,
                  out[name]["tokens_per_s"], out[name]["loss_only_tokens_per_s"], out[name]["step_peak_bytes"] / 2**20)
-    out["speedup"] = out["sparse"]["tokens_per_s"] / out["dense"]["tokens_per_s"]
-    out["loss_only_speedup"] = out["sparse"]["loss_only_tokens_per_s"] / out["dense"]["loss_only_tokens_per_s"]
-    out["ram_ratio"] = out["dense"]["step_peak_bytes"] / max(1, out["sparse"]["step_peak_bytes"])
-    out["loss_ram_ratio"] = out["dense"]["loss_peak_bytes"] / max(1, out["sparse"]["loss_peak_bytes"])
-    out["loss_forward_ram_ratio"] = (out["dense"]["loss_forward_peak_bytes"]
-                                     / max(1, out["sparse"]["loss_forward_peak_bytes"]))
+    # the trainer's sparse loss against each other loss: > 1 means the sparse loss is faster / needs less memory
+    sp = out["sparse"]
+    out["vs"] = {name: {"step_speedup": sp["tokens_per_s"] / out[name]["tokens_per_s"],
+                        "loss_only_speedup": sp["loss_only_tokens_per_s"] / out[name]["loss_only_tokens_per_s"],
+                        "step_ram_ratio": out[name]["step_peak_bytes"] / max(1, sp["step_peak_bytes"]),
+                        "loss_ram_ratio": out[name]["loss_peak_bytes"] / max(1, sp["loss_peak_bytes"]),
+                        "loss_forward_ram_ratio": out[name]["loss_forward_peak_bytes"]
+                        / max(1, sp["loss_forward_peak_bytes"])}
+                 for name in LOSSES[1:]}
     return out
