@@ -10,6 +10,26 @@ from helpers import tiny_config
 from mlpmem import bench
 
 
+def test_bench_streams_sizes_above_flat_max(tmp_path):
+    """Above --bench.flat_max a size is IVFPQ only and its keys are streamed; ratios use each index's largest size."""
+    cfg = tiny_config(tmp_path, "llama", **{
+        "bench.sizes": [200, 450], "bench.flat_max": 300, "bench.real_keys": 150, "bench.tokens": 40,
+        "bench.train_steps": 1, "bench.repeats": 1, "bench.ivf_train_size": 300, "index.nprobe": 2,
+        "train.batch_size": 16, "bench.memory_blocks": [1]})
+    res = bench.run(cfg)
+    big = res["inference"][1]
+    assert big["size"] == 450 and "base+knn-flat" not in big["systems"] and "base+knn-ivfpq" in big["systems"]
+    assert res["storage"][1]["flat_index_bytes"] is None and "flat" not in res["index"][1]
+    assert res["index"][1]["ivfpq"]["bytes"] > res["index"][0]["ivfpq"]["bytes"]
+    r = res["ratios"]
+    assert r["largest_size_flat"] == 200 and r["largest_size_ivfpq"] == 450
+    assert r["component_us_per_token"]["base+knn-flat"][1] is None
+    assert "| 450 | " in res["table"] and " - |" in res["table"]
+    with pytest.raises(ValueError, match="flat_max"):
+        bench.run(tiny_config(tmp_path, "llama", **{"bench.sizes": [200, 450], "bench.flat_max": 300,
+                                                     "knn.distances": "exact"}))
+
+
 def test_bench_smoke(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "llama", **{
         "bench.sizes": [400, 200], "bench.real_keys": 300, "bench.tokens": 96, "bench.train_steps": 1,
@@ -67,6 +87,19 @@ def test_synth_datastore_tiles_real_keys_with_noise():
     diff = k[50:].astype(np.float32) - keys[np.arange(50, 175) % 50].astype(np.float32)
     assert 0 < np.abs(diff).mean() < 0.2  # distinct but close copies
     assert len({r.tobytes() for r in k}) == 175
+    # any row range streams out the same rows as the prefix held in RAM (chunk c's noise is seeded by c)
+    monkey = bench.SYNTH_CHUNK
+    try:
+        bench.SYNTH_CHUNK = 16
+        k, v = bench.synth_datastore(keys, vals, 175, 0.05, 0)
+        parts = list(bench.synth_chunks(keys, vals, 37, 175, 0.05, 0))
+        assert parts[0][0] == 37 and sum(len(p[1]) for p in parts) == 175 - 37
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), k[37:])
+        np.testing.assert_array_equal(np.concatenate([p[2] for p in parts]), v[37:])
+        later = list(bench.synth_chunks(keys, vals, 90, 120, 0.05, 0))
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in later]), k[90:120])
+    finally:
+        bench.SYNTH_CHUNK = monkey
 
 
 @pytest.mark.parametrize("n,d,n_train,expect", [(1_000_000, 576, 65536, "IVF1024,PQ64"),

@@ -59,22 +59,41 @@ def bench_tokens(cfg: Config, tok) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def synth_datastore(keys: np.ndarray, vals: np.ndarray, n: int, noise: float, seed: int,
-                    chunk: int = 1 << 17) -> tuple[np.ndarray, np.ndarray]:
-    """Grow real (R, d) float16 keys / (R,) int32 vals to n rows: row i >= R is row i % R plus Gaussian noise of
-    ``noise`` x that dimension's std (so the index sees distinct vectors with the real keys' geometry)."""
+SYNTH_CHUNK = 1 << 17  # synthetic rows are made in chunks; chunk c's noise comes from seed + c
+
+
+def synth_chunks(keys: np.ndarray, vals: np.ndarray, start: int, stop: int, noise: float, seed: int):
+    """Yield (row, keys (m, d) float16, vals (m,) int32) covering rows [start, stop) of the synthetic datastore.
+
+    Rows below R = len(keys) are the real keys; row i >= R is row (i % R) plus Gaussian noise of ``noise`` x that
+    dimension's std, drawn per chunk of SYNTH_CHUNK rows from a generator seeded with seed + chunk number, so
+    any row range (a prefix held in RAM, or the rest streamed into an index) comes out the same.
+    """
     R, d = keys.shape
-    if n <= R:
-        return keys[:n], vals[:n]
+    if start < R:
+        yield start, keys[start:min(stop, R)], vals[start:min(stop, R)]
+        start = R
+    if start >= stop:
+        return
     std = torch.from_numpy(keys.astype(np.float32).std(0)) * noise
-    out = np.empty((n, d), dtype=np.float16)
-    out[:R] = keys
     real = torch.from_numpy(keys)
-    gen = torch.Generator().manual_seed(seed)
-    for s in range(R, n, chunk):
-        rows = torch.arange(s, min(n, s + chunk)) % R
-        x = real[rows].float() + torch.randn(len(rows), d, generator=gen) * std
-        out[s:s + len(rows)] = x.half().numpy()
+    for c in range((start - R) // SYNTH_CHUNK, (stop - R + SYNTH_CHUNK - 1) // SYNTH_CHUNK):
+        lo = R + c * SYNTH_CHUNK
+        rows = torch.arange(lo, lo + SYNTH_CHUNK) % R
+        gen = torch.Generator().manual_seed(seed + c)
+        x = (real[rows].float() + torch.randn(SYNTH_CHUNK, d, generator=gen) * std).half().numpy()
+        a, b = max(start, lo), min(stop, lo + SYNTH_CHUNK)
+        yield a, x[a - lo:b - lo], vals[np.arange(a, b) % R].astype(np.int32)
+
+
+def synth_datastore(keys: np.ndarray, vals: np.ndarray, n: int, noise: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n rows of the synthetic datastore (see synth_chunks) in RAM: (n, d) float16 keys, (n,) int32 vals."""
+    if n <= len(keys):
+        return keys[:n], vals[:n]
+    out = np.empty((n, keys.shape[1]), dtype=np.float16)
+    for row, k, _ in synth_chunks(keys, vals, 0, n, noise, seed):
+        out[row:row + len(k)] = k
     return out, np.resize(vals, n).astype(np.int32)
 
 
@@ -229,6 +248,20 @@ def round_robin(cfg: Config, lm, tokens: np.ndarray, runners: dict[str, dict], t
     return best
 
 
+def stream_rows(index, keys: np.ndarray, vals: np.ndarray, start: int, stop: int, noise: float, seed: int) -> None:
+    """Add synthetic rows [start, stop) to a trained index chunk by chunk (they are never all in RAM)."""
+    from mlpmem.index import to_float32
+
+    t0 = time.perf_counter()
+    for row, x, _ in synth_chunks(keys, vals, start, stop, noise, seed):
+        index.add(to_float32(x))
+        done = row + len(x) - start
+        if done // SYNTH_CHUNK % 16 == 0 or row + len(x) == stop:
+            log.info("bench: streamed %d / %d keys into the index (%.0f keys/s)", done, stop - start,
+                     done / max(time.perf_counter() - t0, 1e-9))
+    assert index.ntotal == stop, (index.ntotal, stop)
+
+
 def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -> tuple[list, list, list]:
     """Per datastore size: tokens/s of every system, index build times, storage bytes."""
     from mlpmem.index import build_index, set_nprobe
@@ -236,42 +269,47 @@ def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -
     b, show = cfg.bench, not os.environ.get("MLPMEM_NO_PROGRESS")
     k, d = cfg.knn.k, keys.shape[1]
     sizes = sorted(b.sizes)
-    log.info("bench: datastore of %d keys (%d real, the rest tiled + noise %.3g x std)", sizes[-1], len(keys),
-             b.noise)
-    all_keys, all_vals = synth_datastore(keys, vals, sizes[-1], b.noise, cfg.seed)
+    held = min(sizes[-1], b.flat_max)  # rows kept in RAM; larger sizes stream the rest into their IVFPQ index
+    log.info("bench: datastores up to %d keys (%d real, the rest tiled + noise %.3g x std; %d held in RAM)",
+             sizes[-1], len(keys), b.noise, held)
+    all_keys, _ = synth_datastore(keys, vals, held, b.noise, cfg.seed)
+    all_vals = np.resize(vals, sizes[-1]).astype(np.int32)
     warm = tokens[: min(len(tokens), cfg.window.context + 1)]
     for memory in memories.values():  # kernels + allocator, not timed
         time_scoring(cfg, lm, warm, "warm-up", hook=hook, memory=memory)
     mem_bytes = {name: m.num_parameters() * next(m.parameters()).element_size() for name, m in memories.items()}
     inference, index_rows, storage = [], [], []
     for n in sizes:
-        xb, vb = all_keys[:n], all_vals[:n]
+        xb, vb = (all_keys[:n] if n <= held else None), all_vals[:n]
         runners = {"base": {}, **{name: {"hook": hook, "memory": m} for name, m in memories.items()}}
         irow = {"size": n}
-        for kind, spec in (("flat", "Flat"), ("ivfpq", ivfpq_factory(n, d, min(n, b.ivf_train_size)))):
+        kinds = [("flat", "Flat")] if n <= b.flat_max else []
+        kinds.append(("ivfpq", ivfpq_factory(n, d, min(n, b.ivf_train_size))))
+        for kind, spec in kinds:
             t0 = time.perf_counter()
-            index = build_index(xb, spec, b.ivf_train_size, min(cfg.index.add_chunk, 1 << 18), cfg.seed,
-                                cfg.index.use_gpu, progress=show)
+            index = build_index(all_keys[:min(n, held)], spec, b.ivf_train_size, min(cfg.index.add_chunk, 1 << 18),
+                                cfg.seed, cfg.index.use_gpu, progress=show)
+            if n > held:
+                stream_rows(index, keys, vals, held, n, b.noise, cfg.seed)
             build_s = time.perf_counter() - t0
             set_nprobe(index, cfg.index.nprobe)
             irow[kind] = {"factory": spec, "build_s": round(build_s, 2), "bytes": index_bytes(index),
                           "nprobe": cfg.index.nprobe if kind == "ivfpq" else None}
             scorer = knn_scorer(index, vb, xb, k, cfg.knn.temperature, cfg.knn.distances == "exact")
-            scorer(torch.from_numpy(xb[:8].astype(np.float32)), torch.from_numpy(vb[:8].astype(np.int64)))  # warm
+            scorer(torch.from_numpy(all_keys[:8].astype(np.float32)), torch.from_numpy(vb[:8].astype(np.int64)))
             runners[f"base+knn-{kind}"] = {"hook": hook, "knn_scorer": scorer}
             log.info("bench: N=%d %s built in %.1fs (%.1f MiB)", n, spec, build_s, irow[kind]["bytes"] / 2**20)
         row = {"size": n, "systems": round_robin(cfg, lm, tokens, runners, f"@{si(n)}")}
         del runners, scorer, index
         inference.append(row)
         index_rows.append(irow)
-        storage.append({"size": n, "datastore_bytes": int(n * (d * 2 + 4)), "flat_index_bytes": irow["flat"]["bytes"],
+        storage.append({"size": n, "datastore_bytes": int(n * (d * 2 + 4)),
+                        "flat_index_bytes": irow["flat"]["bytes"] if "flat" in irow else None,
                         "ivfpq_index_bytes": irow["ivfpq"]["bytes"], "memory_bytes": mem_bytes})
         log.info("bench: N=%d %s", n,
                  ", ".join(f"{s} {r['tokens_per_s']:.0f} tok/s" for s, r in row["systems"].items()))
     return inference, index_rows, storage
 
-
-# ----------------------------------------------------------------------------- training: sparse vs dense loss
 
 # ----------------------------------------------------------------------------- stage
 
@@ -285,6 +323,9 @@ def run(cfg: Config) -> dict:
     b = cfg.bench
     if min(b.sizes) < cfg.knn.k:
         raise ValueError(f"--bench.sizes: every size must be >= --knn.k ({cfg.knn.k}), got {min(b.sizes)}")
+    if cfg.knn.distances == "exact" and max(b.sizes) > b.flat_max:
+        raise ValueError(f"--knn.distances exact reads the keys, which are held in RAM only up to --bench.flat_max "
+                         f"({b.flat_max}); raise it to {max(b.sizes)} or use --knn.distances index")
     out = cfg.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     phases, t0 = {}, time.perf_counter()

@@ -18,45 +18,55 @@ def memory_systems(res: dict) -> list[str]:
     return [s for s in systems(res) if s.startswith("base+memory")]
 
 
+def _tps(res: dict, system: str) -> list[tuple[int, float]]:
+    """(size, tokens/s) of a system at every size where it ran (Flat stops at --bench.flat_max)."""
+    return [(r["size"], r["systems"][system]["tokens_per_s"]) for r in res["inference"] if system in r["systems"]]
+
+
 def ratios(res: dict) -> dict:
     """The headline ratios (see docs/bench.md): fractions and speed-ups of tokens/s, cost growth, RAM ratios.
     Ratios about a memory are dicts keyed by its system name (one per --bench.memory_blocks)."""
     inf = res["inference"]
-    tps = {s: [r["systems"][s]["tokens_per_s"] for r in inf] for s in systems(res)}
-    small, large = inf[0], inf[-1]
+    tps = {s: dict(_tps(res, s)) for s in systems(res)}
+    small, large = inf[0]["size"], inf[-1]["size"]
 
-    def cost_change(s: str) -> float:  # relative change of seconds per token, smallest -> largest datastore
-        return tps[s][0] / tps[s][-1] - 1.0
+    def cost_change(series: list) -> float | None:  # relative change of cost per token, smallest -> largest size
+        series = [v for v in series if v is not None]
+        return series[-1] / series[0] - 1.0 if series and series[0] > 0 else None
 
     mems = memory_systems(res)
-    mem_frac = {m: [x / b for x, b in zip(tps[m], tps["base"])] for m in mems}
+    mem_frac = {m: [tps[m][n] / tps["base"][n] for n in tps["base"]] for m in mems}
     own = component_us_per_token(res)
-    t = res["training"]
-    return {
+    out = {
         "memory_over_base": {m: float(np.mean(f)) for m, f in mem_frac.items()},
         "memory_over_base_per_size": mem_frac,
-        "largest_size": large["size"],
-        "smallest_size": small["size"],
-        **{f"speedup_memory_vs_knn_{kind}_largest": {m: tps[m][-1] / tps[f"base+knn-{kind}"][-1] for m in mems}
-           for kind in ("flat", "ivfpq")},
-        "cost_change_smallest_to_largest": {s: cost_change(s) for s in systems(res)},
+        "largest_size": large,
+        "smallest_size": small,
+    }
+    for kind in ("flat", "ivfpq"):
+        at = max(tps[f"base+knn-{kind}"])  # the largest size this index ran at
+        out[f"largest_size_{kind}"] = at
+        out[f"speedup_memory_vs_knn_{kind}_largest"] = {m: tps[m][at] / tps[f"base+knn-{kind}"][at] for m in mems}
+    out.update({
+        "cost_change_smallest_to_largest": {s: cost_change([1.0 / v for v in tps[s].values()]) for s in tps},
         "component_us_per_token": own,
-        "component_cost_change_smallest_to_largest": {s: v[-1] / v[0] - 1.0 if v[0] > 0 else None
-                                                      for s, v in own.items()},
+        "component_cost_change_smallest_to_largest": {s: cost_change(v) for s, v in own.items()},
         "component_speedup_memory_vs_knn_ivfpq_largest": {m: own["base+knn-ivfpq"][-1] / max(own[m][-1], 1e-9)
                                                           for m in mems},
         "extraction_over_bare": res["extraction"]["ratio"],
-        "train_memory": t["memory"],
-        "train_sparse_vs": t["vs"],
-    }
+        "train_memory": res["training"]["memory"],
+        "train_sparse_vs": res["training"]["vs"],
+    })
+    return out
 
 
-def component_us_per_token(res: dict) -> dict[str, list[float]]:
+def component_us_per_token(res: dict) -> dict[str, list[float | None]]:
     """Per system and size, µs per token spent in the memory or kNN step itself (timed inside score_tokens around
-    that step alone, so less exposed to noise in the LM's share than differences of whole-pass timings)."""
+    that step alone, so less exposed to noise in the LM's share than differences of whole-pass timings); None
+    where the system did not run (Flat above --bench.flat_max)."""
     part = {**{m: "memory" for m in memory_systems(res)}, **{k: "knn" for k in KNN_SYSTEMS}}
-    return {s: [r["systems"][s]["parts_s"].get(p, 0.0) / r["systems"][s]["tokens"] * 1e6 for r in res["inference"]]
-            for s, p in part.items()}
+    return {s: [r["systems"][s]["parts_s"].get(p, 0.0) / r["systems"][s]["tokens"] * 1e6 if s in r["systems"]
+                else None for r in res["inference"]] for s, p in part.items()}
 
 
 def si(n: float) -> str:
@@ -93,7 +103,7 @@ def _inference_rows(res: dict) -> list[str]:
     for i, row in enumerate(res["inference"]):
         sy = row["systems"]
         cells = [f"{sy['base']['tokens_per_s']:,.0f}"]
-        cells += [f"{sy[k]['tokens_per_s']:,.0f} ({own[k][i]:,.0f})" for k in names[1:]]
+        cells += [f"{sy[k]['tokens_per_s']:,.0f} ({own[k][i]:,.0f})" if k in sy else "-" for k in names[1:]]
         out.append(f"| {si(row['size'])} | " + " | ".join(cells) + " |")
     return out
 
@@ -105,10 +115,12 @@ def _storage_rows(res: dict) -> list[str]:
            + " | ".join(m.replace("base+", "") for m in mems) + " | Flat build | IVFPQ build |",
            "|---" * (6 + len(mems)) + "|"]
     for st, ix in zip(res["storage"], res["index"]):
-        out.append(f"| {si(st['size'])} | {_mb(st['datastore_bytes'])} | {_mb(st['flat_index_bytes'])} | "
+        flat = st["flat_index_bytes"] is not None
+        out.append(f"| {si(st['size'])} | {_mb(st['datastore_bytes'])} | "
+                   f"{_mb(st['flat_index_bytes']) if flat else '-'} | "
                    f"{_mb(st['ivfpq_index_bytes'])} ({ix['ivfpq']['factory']}) | "
                    + " | ".join(_mb(st["memory_bytes"][m]) for m in mems)
-                   + f" | {ix['flat']['build_s']:.1f} | {ix['ivfpq']['build_s']:.1f} |")
+                   + f" | {format(ix['flat']['build_s'], '.1f') if flat else '-'} | {ix['ivfpq']['build_s']:.1f} |")
     return out
 
 
@@ -133,11 +145,12 @@ def _ratio_rows(r: dict) -> list[str]:
         out.append(f"- {m} tokens/s / base: {frac:.2f} (per size: "
                    + ", ".join(f"{x:.2f}" for x in r["memory_over_base_per_size"][m]) + ")")
     for m in r["memory_over_base"]:
-        out.append(f"- {m} over base+kNN at {hi} keys: x{r['speedup_memory_vs_knn_flat_largest'][m]:.1f} (Flat), "
-                   f"x{r['speedup_memory_vs_knn_ivfpq_largest'][m]:.2f} (IVFPQ); the memory step alone vs the "
-                   f"IVFPQ kNN step alone: x{r['component_speedup_memory_vs_knn_ivfpq_largest'][m]:.1f}")
+        out.append(f"- {m} over base+kNN: x{r['speedup_memory_vs_knn_flat_largest'][m]:.1f} (Flat, "
+                   f"{si(r['largest_size_flat'])} keys), x{r['speedup_memory_vs_knn_ivfpq_largest'][m]:.2f} (IVFPQ, "
+                   f"{si(r['largest_size_ivfpq'])} keys); the memory step alone vs the IVFPQ kNN step alone: "
+                   f"x{r['component_speedup_memory_vs_knn_ivfpq_largest'][m]:.1f}")
     out += [
-        f"- cost per token, {lo} -> {hi} keys: "
+        f"- cost per token, {lo} -> {hi} keys (Flat: -> {si(r['largest_size_flat'])}): "
         + ", ".join(f"{k} {v:+.0%}" for k, v in r["cost_change_smallest_to_largest"].items())
         + "; of the memory / kNN step itself: "
         + ", ".join(f"{k} {v:+.0%}" if v is not None else f"{k} n/a"
@@ -174,14 +187,16 @@ def plot(res: dict, path: Path) -> None:
     styles = {"base": "k--", "base+knn-flat": "C3s-", "base+knn-ivfpq": "C1^-",
               **{m: f"C{(0, 2, 4, 5, 6)[i % 5]}o-" for i, m in enumerate(mems)}}
     for s in systems(res):
-        a.plot(sizes, [r["systems"][s]["tokens_per_s"] for r in res["inference"]], styles[s], label=s)
+        pts = _tps(res, s)
+        a.plot([p[0] for p in pts], [p[1] for p in pts], styles[s], label=s)
     a.set(xscale="log", yscale="log", xlabel="datastore size (keys)", ylabel="tokens/s (scoring)",
           title="Inference throughput vs datastore size")
     a.legend()
     st = res["storage"]
     for key, style, label in (("datastore_bytes", "C7o-", "keys+vals"), ("flat_index_bytes", "C3s-", "Flat index"),
                               ("ivfpq_index_bytes", "C1^-", "IVFPQ index")):
-        b.plot(sizes, [x[key] / 2**20 for x in st], style, label=label)
+        pts = [(x["size"], x[key] / 2**20) for x in st if x[key] is not None]
+        b.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     for m in mems:
         b.plot(sizes, [x["memory_bytes"][m] / 2**20 for x in st], styles[m], label=m.replace("base+", ""))
     b.set(xscale="log", yscale="log", xlabel="datastore size (keys)", ylabel="MiB", title="Storage")

@@ -234,6 +234,9 @@ class BenchConfig:
                               "FAISS' minimum of training points per list).")
     repeats: int = opt(2, "Rounds of inference timings (systems interleaved); each system's fastest pass is "
                        "reported. Passes over 20 s and 3x the base LM's are not repeated.")
+    flat_max: int = opt(1_000_000, "Largest datastore held in RAM (2d bytes per key) and also searched with a Flat "
+                        "index (4d more); larger sizes are IVFPQ only: trained on a sample of the first flat_max "
+                        "keys, the other keys generated chunk by chunk and streamed into the index.")
     memory_blocks: list[int] = opt([4, 0], "Memories timed (one base+memory system each), by number of blocks; 0 "
                                    "is the authors' depth rule (1.5 x the LM's layers, a memory as large as the "
                                    "LM). 4 is the demo preset's. The training comparison uses the first.")
@@ -246,6 +249,7 @@ class BenchConfig:
         _check(self.noise >= 0, f"{p}.noise", f"must be >= 0, got {self.noise}")
         _check(self.ivf_train_size >= 1, f"{p}.ivf_train_size", "must be >= 1")
         _check(self.repeats >= 1, f"{p}.repeats", f"must be >= 1, got {self.repeats}")
+        _check(self.flat_max >= 100, f"{p}.flat_max", f"must be >= 100, got {self.flat_max}")
         _check(len(self.memory_blocks) >= 1 and all(b >= 0 for b in self.memory_blocks), f"{p}.memory_blocks",
                f"must list one or more block counts >= 0 (0: the depth rule), got {self.memory_blocks}")
 
