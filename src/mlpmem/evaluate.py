@@ -61,8 +61,11 @@ class Scored:
         return Scored(lm=cat("lm"), mem=cat("mem"), knn=cat("knn", axis=1), seconds=secs)
 
 
-def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None, rows: int = 256,
-                  sub: int = 32) -> torch.Tensor:
+GOLD_ROWS, GOLD_SUB = 256, 32  # gold_logprobs' chunks (scripts/profile_eval.py times other values)
+
+
+def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None, rows: int | None = None,
+                  sub: int | None = None) -> torch.Tensor:
     """log softmax(transform(head(hidden)))[gold] for (M, d) hidden states: (M,) float32, no (M, V) tensor kept.
 
     The head runs on ``rows`` rows at a time (large enough for an efficient matmul) and the float32
@@ -71,6 +74,7 @@ def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None
     faults than in arithmetic (measured in docs/bench.md). ``transform`` maps float32 logits (e.g. a temperature
     or a soft cap).
     """
+    rows, sub = rows or GOLD_ROWS, sub or GOLD_SUB
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], rows):
         z = head(hidden[i:i + rows])
