@@ -372,7 +372,10 @@ def run(cfg: Config) -> dict:
             "prefix of the largest",
             f"IVFPQ indexes are trained on min(N, {b.ivf_train_size:,}) sampled keys (--bench.ivf_train_size), "
             "nlist ~ 4 sqrt(N) capped at that / 39; the reference setting trains on ~1M keys with nlist 4096",
-            "the memory has random weights (its cost does not depend on them); tokens/s include the LM head and "
+            *([f"sizes above --bench.flat_max ({b.flat_max:,}) have no Flat index; their IVFPQ index is trained on "
+               f"a sample of the first {b.flat_max:,} keys, and the other keys are streamed into it"]
+              if max(b.sizes) > b.flat_max else []),
+            "the memories have random weights (their cost does not depend on them); tokens/s include the LM head and "
             "everything the eval stage does per token; index build time is excluded",
             "timings are wall-clock on a possibly shared machine: compare systems within one run",
         ],
