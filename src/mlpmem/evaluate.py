@@ -61,7 +61,8 @@ class Scored:
         return Scored(lm=cat("lm"), mem=cat("mem"), knn=cat("knn", axis=1), seconds=secs)
 
 
-GOLD_ROWS, GOLD_SUB = 256, 32  # gold_logprobs' chunks (scripts/profile_eval.py times other values)
+GOLD_ROWS, GOLD_SUB = 256, 32  # gold_logprobs' CPU chunks (scripts/profile_eval.py times other values)
+GOLD_ROWS_CUDA = 2048  # on GPUs small chunks would only add kernel launches: head and log-softmax on 2048 rows
 
 
 def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None, rows: int | None = None,
@@ -72,9 +73,10 @@ def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None
     log-softmax on ``sub`` rows at a time: small buffers the allocator reuses and the cache holds. On CPUs this
     is several times faster than one log_softmax over (M, V), whose fresh multi-GB temporaries cost more in page
     faults than in arithmetic (measured in docs/bench.md). ``transform`` maps float32 logits (e.g. a temperature
-    or a soft cap).
+    or a soft cap). On CUDA both default to GOLD_ROWS_CUDA.
     """
-    rows, sub = rows or GOLD_ROWS, sub or GOLD_SUB
+    cuda = hidden.device.type == "cuda"
+    rows, sub = rows or (GOLD_ROWS_CUDA if cuda else GOLD_ROWS), sub or (GOLD_ROWS_CUDA if cuda else GOLD_SUB)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], rows):
         z = head(hidden[i:i + rows])
