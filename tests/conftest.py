@@ -13,18 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_faiss_thread():
-    """Tiny problems: FAISS' OpenMP threads only add stalls when the shared cores are busy."""
+    """One torch and one FAISS thread: on tiny problems more threads only add stalls when the shared cores are busy."""
     import faiss
 
-    old = faiss.omp_get_max_threads()
+    old = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     yield
-    faiss.omp_set_num_threads(old)
+    torch.set_num_threads(old[0])
+    faiss.omp_set_num_threads(old[1])

@@ -54,6 +54,32 @@ def make_model(family: str, vocab_size: int, seed: int = 0, n_positions: int = 5
     return model.eval()
 
 
+TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def tiny_lm(family: str):
+    """A 2-layer random LM with vocabulary 99 (no tokenizer) of the family: gpt2, llama, gemma2 (logit soft cap
+    3), granite (logits scaled by 1/4) or cohere (logits scaled by 0.5); the last three scale their logits in
+    forward, which the joint LM and the evaluator must handle."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
+                              GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, bos_token_id=98, eos_token_id=98)
+        return GPT2LMHeadModel(cfg).eval()
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=3.0)).eval()
+    if family == "granite":
+        return GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0)).eval()
+    if family == "cohere":
+        return CohereForCausalLM(CohereConfig(**TINY, logit_scale=0.5)).eval()
+    raise ValueError(family)
+
+
 def make_model_dir(path: Path, family: str = "llama", seed: int = 0, texts: list[str] | None = None) -> Path:
     """Save a tiny random model + tokenizer to ``path`` (loadable with --model.name path)."""
     texts = texts or make_texts()

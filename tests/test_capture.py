@@ -2,25 +2,9 @@
 
 import pytest
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
 
+from helpers import tiny_lm as tiny
 from mlpmem.capture import HookPoint, capture, decoder_layers, forward_hidden, hook_width, resolve_hook
-
-
-def tiny(family: str):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, bos_token_id=98, eos_token_id=98)
-        return GPT2LMHeadModel(cfg).eval()
-    if family == "llama":
-        cfg = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
-        return LlamaForCausalLM(cfg).eval()
-    cfg = Gemma2Config(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    return Gemma2ForCausalLM(cfg).eval()
-
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

@@ -197,7 +197,6 @@ def _scored_with_known_optimum(rng, n, lam_best):
 
 
 def test_settle_tunes_on_validation_and_reports_test_at_that_setting():
-    rng = np.random.default_rng(3)
     val = Scored(lm=np.log(np.full(200, 0.2)), mem=np.log(np.full(200, 0.6)), knn=np.log(np.full((2, 200), 0.1)))
     # on test the memory is useless: tuning on test would pick lam = 0 for it
     test = Scored(lm=np.log(np.full(100, 0.3)), mem=np.log(np.full(100, 0.01)),

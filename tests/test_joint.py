@@ -7,31 +7,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
-                          GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
+from helpers import tiny_lm as tiny
 from mlpmem.capture import capture, resolve_hook
 from mlpmem.interpolate import memory_logprobs, mix3, mix_gold, mix_logprobs, perplexity
 from mlpmem.joint import attach_memory, attached_memory, detach_memory
-
-SMALL = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
-
-
-def tiny(family: str):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, bos_token_id=98, eos_token_id=98)
-        return GPT2LMHeadModel(cfg).eval()
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
-    if family == "gemma2":
-        return Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=3.0)).eval()
-    if family == "granite":
-        return GraniteForCausalLM(GraniteConfig(**SMALL, logits_scaling=4.0)).eval()
-    return CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5)).eval()
-
-
 
 class StandInMemory(nn.Module):
     """Stand-in for MLPMemory: hidden (..., d) -> logits (..., V); strong weights so it changes the argmax."""

@@ -8,7 +8,6 @@ a rerun with the same fingerprint and process count reuses them instead of scori
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -104,10 +103,8 @@ def _save_scores(path: Path, sc: Scored, fp: str) -> None:
         arrays["mem"] = sc.mem
     if sc.knn is not None:
         arrays["knn"] = sc.knn
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
     with atomic_file(path) as f:
-        f.write(buf.getvalue())
+        np.savez(f, **arrays)
 
 
 def _load_scores(path: Path, fp: str, strict: bool = False) -> Scored | None:
