@@ -12,9 +12,9 @@ import time
 import torch
 
 from mlpmem import bench, evaluate
-from mlpmem.capture import resolve_hook
+from mlpmem.components.capture import resolve_hook
 from mlpmem.config import load_config
-from mlpmem.lm import load_lm
+from mlpmem.components.lm import load_lm
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from mlpmem import bench
+from mlpmem.components.index import ivfpq_spec
 
 
 def test_bench_streams_sizes_above_flat_max(tmp_path):
@@ -108,14 +109,14 @@ def test_synth_datastore_tiles_real_keys_with_noise():
                                                  (1_000_000, 576, 1_000_000, "IVF4096,PQ64"),
                                                  (200, 32, 200, "IVF4,PQ32x2")])
 def test_ivfpq_factory(n, d, n_train, expect):
-    assert bench.ivfpq_factory(n, d, n_train) == expect
+    assert ivfpq_spec(n, d, n_train) == expect
 
 
 def test_bench_losses_agree():
     """Every loss the bench times computes the same loss and gradient (they differ only in how)."""
     import torch
 
-    from mlpmem.bench_train import _fake_targets, loss_fns
+    from mlpmem.bench.train import _fake_targets, loss_fns
 
     gen = torch.Generator().manual_seed(0)
     ids, probs, labels = _fake_targets(6, 8, 50, gen)

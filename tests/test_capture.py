@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_lm as tiny
-from mlpmem.capture import HookPoint, capture, decoder_layers, forward_hidden, hook_width, resolve_hook
+from mlpmem.components.capture import HookPoint, capture, decoder_layers, forward_hidden, hook_width, resolve_hook
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

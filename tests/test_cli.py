@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from helpers import make_model, make_model_dir, make_texts, make_tokenizer, write_corpus
-from mlpmem.cli import STAGES, TOP_LEVEL, main
+from mlpmem.cli import TOP_LEVEL, main
+from mlpmem.stages import COMMANDS as STAGES
 from mlpmem.config import iter_options
 
 
@@ -60,7 +61,7 @@ def test_stage_help_lists_its_options(stage, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--config" in out
-    sections = STAGES[stage][1]
+    sections = STAGES[stage].sections
     for name, _f, _tp in iter_options():
         section = name.split(".")[0] if "." in name else ""
         if section in sections or name in TOP_LEVEL:
@@ -185,7 +186,7 @@ def test_eval_before_prepare(tmp_path, assets, capsys):
 
 def test_corpus_prepared_with_another_tokenizer(tmp_path, assets, capsys):
     from mlpmem.config import ModelConfig
-    from mlpmem.lm import load_tokenizer, tokenizer_hash
+    from mlpmem.components.lm import load_tokenizer, tokenizer_hash
 
     assert tokenizer_hash(load_tokenizer(ModelConfig(name=assets["a"]))) != \
         tokenizer_hash(load_tokenizer(ModelConfig(name=assets["b"])))

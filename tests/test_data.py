@@ -1,4 +1,4 @@
-"""mlpmem.data: the window plan, corpus readers, split assignment and the `prepare` stage's files."""
+"""mlpmem.components.data: the window plan, corpus readers, split assignment and the `prepare` stage's files."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 
 from helpers import make_texts, make_tokenizer
 from mlpmem.config import DataConfig, load_config
-from mlpmem.data import CorpusError, Window, assign_splits, batch_windows, corpus_fingerprint, plan_windows, \
+from mlpmem.errors import CorpusError
+from mlpmem.components.data import Window, assign_splits, batch_windows, corpus_fingerprint, plan_windows, \
     read_corpus, shard_windows, tokenize_split
 
 # ----------------------------------------------------------------------------- window plan
@@ -236,9 +237,10 @@ def test_tokenize_split_budget(tok):
 def test_prepare_writes_streams_and_manifest(tmp_path):
     from helpers import make_model_dir, write_corpus
     from mlpmem.cli import main
-    from mlpmem.data import SPLITS, load_split, run
-    from mlpmem.lm import load_tokenizer, tokenizer_hash
-    from mlpmem.store import StageError
+    from mlpmem.artifacts import SPLITS, load_split
+    from mlpmem.stages.prepare import run
+    from mlpmem.components.lm import load_tokenizer, tokenizer_hash
+    from mlpmem.files import StageError
 
     texts = make_texts(30, seed=11)
     corpus = write_corpus(tmp_path / "c.txt", texts)
@@ -264,7 +266,7 @@ def test_prepare_writes_streams_and_manifest(tmp_path):
         for i, d in enumerate(splits[s]):
             expect += (sep if i else []) + tok(d, add_special_tokens=False).input_ids
         assert tokens.tolist() == expect
-        loaded, _ = load_split(cfg, s, tokenizer_hash(tok))
+        loaded, _ = load_split(cfg.run_dir, s, tokenizer_hash(tok))
         assert np.array_equal(loaded, tokens)
     # a rerun with the same settings is skipped; other settings are refused without --force
     files = sorted((tmp_path / "run" / "data").rglob("*"))
@@ -278,7 +280,7 @@ def test_prepare_writes_streams_and_manifest(tmp_path):
 
 
 def test_tokenizer_hash_sees_the_vocab_not_the_padding_state():
-    from mlpmem.lm import tokenizer_hash
+    from mlpmem.components.lm import tokenizer_hash
 
     texts = make_texts()
     a, b = make_tokenizer(texts), make_tokenizer(texts, vocab_size=320)  # b has BPE merges, a has none

@@ -1,4 +1,4 @@
-"""mlpmem.evaluate: sliding-window scoring against direct forwards, and the mixing / tuning math."""
+"""mlpmem.components.scoring: sliding-window scoring against direct forwards, and the mixing / tuning math."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 
 from helpers import make_model
 from mlpmem.config import load_config
-from mlpmem.data import batch_windows, plan_windows
-from mlpmem.evaluate import Scored, mix2, mix3, ppl, score_tokens, settle, sweep
-from mlpmem.lm import LoadedLM
+from mlpmem.components.data import batch_windows, plan_windows
+from mlpmem.components.scoring import Scored, mix2, mix3, ppl, score_tokens, settle, sweep
+from mlpmem.components.lm import LoadedLM
 
 VOCAB = 61
 
@@ -85,7 +85,7 @@ def test_disjoint_windows_equal_the_models_own_loss(lm):
 
 
 def test_memory_and_knn_see_the_key_of_each_scored_position(lm):
-    from mlpmem.capture import resolve_hook
+    from mlpmem.components.capture import resolve_hook
 
     model = lm.model
     hook = resolve_hook(model, "auto", -1)
@@ -264,8 +264,8 @@ def test_sweep_covers_the_grid():
 
 @pytest.mark.parametrize("rows,sub", [(256, 32), (7, 3), (5, 5), (1, 1)])
 def test_gold_logprobs_in_chunks_equals_full_log_softmax(rows, sub):
-    from mlpmem.evaluate import gold_logprobs, memory_logprobs_at
-    from mlpmem.memory import MLPMemory, MLPMemoryConfig
+    from mlpmem.components.scoring import gold_logprobs, memory_logprobs_at
+    from mlpmem.components.memory import MLPMemory, MLPMemoryConfig
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 301, bias=False)

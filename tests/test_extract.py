@@ -6,14 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-import mlpmem.extract as extract
+import mlpmem.stages.extract as extract
 from helpers import make_model_dir, make_texts, tiny_config, write_corpus
-from mlpmem import data
-from mlpmem.capture import capture, resolve_hook
-from mlpmem.data import load_split, plan_windows
-from mlpmem.index import ConcatRows
-from mlpmem.lm import load_lm
-from mlpmem.store import StageError
+from pathlib import Path
+
+from mlpmem.artifacts import Datastore, load_split
+from mlpmem.stages import prepare
+from mlpmem.components.capture import capture, resolve_hook
+from mlpmem.components.data import plan_windows
+from mlpmem.components.index import ConcatRows
+from mlpmem.components.lm import load_lm
+from mlpmem.files import StageError
 
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40}
 
@@ -42,7 +45,7 @@ def files(stage_dir):
 def test_keys_and_values_are_aligned_with_a_direct_forward(assets, tmp_path, family):
     # batch_size 3: batches mix full windows with the shorter last one (right padding inside a batch)
     cfg = config(assets, tmp_path / "run", family, **{"window.batch_size": 3})
-    data.run(cfg)
+    prepare.run(cfg)
     m = extract.run(cfg)
     lm = load_lm(cfg.model)
     hook = resolve_hook(lm.model, "auto")
@@ -50,8 +53,8 @@ def test_keys_and_values_are_aligned_with_a_direct_forward(assets, tmp_path, fam
     assert hook.module.endswith("ln_2" if family == "gpt2" else "post_attention_layernorm")
     assert m["key_dtype"] == "float16" and m["val_dtype"] == "int32"
 
-    tokens, _ = load_split(cfg, "train")
-    ds = extract.Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
+    tokens, _ = load_split(cfg.run_dir, "train")
+    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
     assert ds.n == len(tokens) - 1 == m["n_positions"]
     assert ds.vals.dtype == np.int32
     np.testing.assert_array_equal(ds.vals, tokens[1:])  # value of row t is token t + 1
@@ -75,7 +78,7 @@ def test_keys_and_values_are_aligned_with_a_direct_forward(assets, tmp_path, fam
     assert checked >= 12
 
     val = ds.validation()  # the memory's validation inputs: the first val_positions positions of validation
-    vt, _ = load_split(cfg, "validation")
+    vt, _ = load_split(cfg.run_dir, "validation")
     assert val.n == min(cfg.train.val_positions, len(vt) - 1)
     np.testing.assert_array_equal(val.vals, vt[1:val.n + 1])
 
@@ -84,12 +87,12 @@ def test_keys_and_values_are_aligned_with_a_direct_forward(assets, tmp_path, fam
 def test_killed_extract_resumes_byte_identical(assets, tmp_path, monkeypatch, shards):
     over = {"window.batch_size": 1, "extract.shards": shards}
     ref_cfg = config(assets, tmp_path / "ref", **over)
-    data.run(ref_cfg)
+    prepare.run(ref_cfg)
     extract.run(ref_cfg)
 
     cfg = config(assets, tmp_path / "run", **over)
-    data.run(cfg)
-    n_windows = len(plan_windows(len(load_split(cfg, "train")[0]), cfg.window.context, cfg.window.stride))
+    prepare.run(cfg)
+    n_windows = len(plan_windows(len(load_split(cfg.run_dir, "train")[0]), cfg.window.context, cfg.window.stride))
     die_after = 6 if shards == 1 else n_windows // 2 + 3  # 2 shards: shard 0 finished, shard 1 half done
     monkeypatch.setattr(extract, "FLUSH_EVERY", 1)  # save progress after every window
     real = extract.forward_hidden
@@ -104,7 +107,7 @@ def test_killed_extract_resumes_byte_identical(assets, tmp_path, monkeypatch, sh
     monkeypatch.setattr(extract, "forward_hidden", dying)
     with pytest.raises(RuntimeError, match="killed"):
         extract.run(cfg)
-    store = extract.datastore_dir(cfg.run_dir)
+    store = (Path(cfg.run_dir) / 'datastore')
     assert not (store / "manifest.json").exists()
     assert list(store.glob(".progress-*.json"))
 
@@ -112,16 +115,16 @@ def test_killed_extract_resumes_byte_identical(assets, tmp_path, monkeypatch, sh
     extract.run(cfg)
     # the rerun only ran the unfinished train windows (+ the one validation window)
     assert calls["n"] == n_windows - die_after + 1
-    assert files(store) == files(extract.datastore_dir(ref_cfg.run_dir))
+    assert files(store) == files((Path(ref_cfg.run_dir) / 'datastore'))
     assert not list(store.rglob(".progress-*.json"))
 
 
 def test_resume_with_a_lost_key_file_restarts_the_shard(assets, tmp_path, monkeypatch):
     ref_cfg = config(assets, tmp_path / "ref", **{"window.batch_size": 2})
-    data.run(ref_cfg)
+    prepare.run(ref_cfg)
     extract.run(ref_cfg)
     cfg = config(assets, tmp_path / "run", **{"window.batch_size": 2})
-    data.run(cfg)
+    prepare.run(cfg)
     monkeypatch.setattr(extract, "FLUSH_EVERY", 1)
     real, calls = extract.forward_hidden, {"n": 0}
 
@@ -134,17 +137,17 @@ def test_resume_with_a_lost_key_file_restarts_the_shard(assets, tmp_path, monkey
     monkeypatch.setattr(extract, "forward_hidden", dying)
     with pytest.raises(RuntimeError):
         extract.run(cfg)
-    store = extract.datastore_dir(cfg.run_dir)
+    store = (Path(cfg.run_dir) / 'datastore')
     (store / "keys-00000-of-00001.npy").unlink()  # progress says 3 batches are done, but their keys are gone
     extract.run(cfg)
-    assert files(store) == files(extract.datastore_dir(ref_cfg.run_dir))
+    assert files(store) == files((Path(ref_cfg.run_dir) / 'datastore'))
 
 
 def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, tmp_path):
     cfg = config(assets, tmp_path / "run")
-    data.run(cfg)
+    prepare.run(cfg)
     first = extract.run(cfg)
-    store = extract.datastore_dir(cfg.run_dir)
+    store = (Path(cfg.run_dir) / 'datastore')
     before = files(store)
     assert extract.run(cfg) == first  # same config: a no-op returning the same manifest
     assert files(store) == before
@@ -163,44 +166,44 @@ def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, tmp_path):
 
 def test_corrupt_or_truncated_key_shard_is_reported(assets, tmp_path):
     cfg = config(assets, tmp_path / "run")
-    data.run(cfg)
+    prepare.run(cfg)
     extract.run(cfg)
-    store = extract.datastore_dir(cfg.run_dir)
+    store = (Path(cfg.run_dir) / 'datastore')
     keys = store / "keys-00000-of-00001.npy"
     size = keys.stat().st_size
     with open(keys, "r+b") as f:
         f.truncate(size - 64)
     with pytest.raises(StageError, match=r"truncated.*mlpmem extract --force"):
-        extract.Datastore(cfg.run_dir)
+        Datastore(cfg.run_dir)
     with open(keys, "r+b") as f:
         f.truncate(40)  # not even a whole header
     with pytest.raises(StageError, match="mlpmem extract --force"):
-        extract.Datastore(cfg.run_dir)
+        Datastore(cfg.run_dir)
     # the forced rerun repairs it
     extract.run(config(assets, tmp_path / "run", force=True))
-    assert extract.Datastore(cfg.run_dir).keys[0].shape[0] == extract.Datastore(cfg.run_dir).n
+    assert Datastore(cfg.run_dir).keys[0].shape[0] == Datastore(cfg.run_dir).n
 
 
 def test_more_shards_than_windows_is_refused(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", **{"extract.shards": 500})
-    data.run(cfg)
+    prepare.run(cfg)
     with pytest.raises(StageError, match="--extract.shards 500"):
         extract.run(cfg)
 
 
 def test_windows_longer_than_the_model_are_refused(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", **{"window.context": 1024, "window.stride": 512})  # tiny GPT-2: 512
-    data.run(cfg)
+    prepare.run(cfg)
     with pytest.raises(StageError, match="--window.context 1024 exceeds the 512 positions"):
         extract.run(cfg)
 
 
 def test_datastore_refuses_another_model(assets, tmp_path):
     cfg = config(assets, tmp_path / "run")
-    data.run(cfg)
+    prepare.run(cfg)
     extract.run(cfg)
     other = load_lm(config(assets, tmp_path / "run", "llama").model)
     with pytest.raises(StageError, match="--model.name"):
-        extract.Datastore(cfg.run_dir, expect_model=other.identity)
+        Datastore(cfg.run_dir, expect_model=other.identity)
     with pytest.raises(StageError, match="--extract.hook"):
-        extract.Datastore(cfg.run_dir, expect_hook="transformer.h.0.ln_2:output")
+        Datastore(cfg.run_dir, expect_hook="transformer.h.0.ln_2:output")

@@ -5,12 +5,15 @@ import shutil
 import pytest
 import torch
 
-import mlpmem.generate as generate
+import mlpmem.stages.generate as generate
 from helpers import make_model_dir, make_texts, tiny_config, write_corpus
-from mlpmem import data, extract, pipeline, retrieval, train
-from mlpmem.joint import attach_memory
-from mlpmem.lm import load_lm
-from mlpmem.store import StageError
+from mlpmem import pipeline
+from mlpmem.artifacts import load_memory
+from mlpmem.components.capture import resolve_hook
+from mlpmem.stages import extract, index as index_stage, prepare, targets, train
+from mlpmem.components.joint import attach_memory
+from mlpmem.components.lm import load_lm
+from mlpmem.files import StageError
 
 PROMPTS = ["A", "Doc 3: the river of the king was", "city"]  # 1 to ~30 tokens: heavy left padding
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 50,
@@ -37,7 +40,7 @@ def trained(request, assets, tmp_path_factory):
     family = request.param
     out = tmp_path_factory.mktemp(f"trained-{family}") / "run"
     cfg = config(assets, out, family)
-    for stage in (data.run, extract.run, retrieval.run_index, retrieval.run_targets, train.run):
+    for stage in (prepare.run, extract.run, index_stage.run, targets.run, train.run):
         stage(cfg)
     return family, out
 
@@ -67,7 +70,7 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(assets, trained, 
     family, run = trained
     cfg = config(assets, run, family)
     lm = load_lm(cfg.model)
-    memory, _ = train.load_trained_memory(cfg, lm)
+    memory, _ = load_memory(cfg.run_dir, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer))
     handle = attach_memory(lm.model, memory, lam=lam)
     try:
         batched = generate.generate_texts(lm, PROMPTS, cfg)

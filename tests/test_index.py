@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from mlpmem.index import (ConcatRows, build_index, exact_search, load_index, recall_at_k, resolve_factory,
+from mlpmem.components.index import (ConcatRows, build_index, exact_search, load_index, recall_at_k, resolve_factory,
                           save_index, search)
-from mlpmem.store import StageError
+from mlpmem.files import StageError
 
 N, DIM = 3000, 32
 

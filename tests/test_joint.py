@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from helpers import tiny_lm as tiny
-from mlpmem.capture import capture, resolve_hook
-from mlpmem.interpolate import memory_logprobs, mix3, mix_gold, mix_logprobs, perplexity
-from mlpmem.joint import attach_memory, attached_memory, detach_memory
+from mlpmem.components.capture import capture, resolve_hook
+from mlpmem.components.interpolate import memory_logprobs, mix3, mix_gold, mix_logprobs, perplexity
+from mlpmem.components.joint import attach_memory, attached_memory, detach_memory
 
 class StandInMemory(nn.Module):
     """Stand-in for MLPMemory: hidden (..., d) -> logits (..., V); strong weights so it changes the argmax."""

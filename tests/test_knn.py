@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import mlpmem.knn as knn
-from mlpmem.index import build_index
-from mlpmem.knn import (compute_targets, knn_gold_logprobs, leave_one_out_mask, neighbour_weights,
+import mlpmem.components.knn as knn
+from mlpmem.components.index import build_index
+from mlpmem.components.knn import (compute_targets, knn_gold_logprobs, leave_one_out_mask, neighbour_weights,
                         recompute_distances, renormalise_float16, sparse_knn_distribution)
-from mlpmem.store import Progress, create_memmap
+from mlpmem.files import Progress, create_memmap
 
 
 

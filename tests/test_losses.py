@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mlpmem import losses
-from mlpmem.losses import dense_memory_loss, memory_loss, memory_loss_autograd, sparse_kl
+from mlpmem.components import losses
+from mlpmem.components.losses import dense_memory_loss, memory_loss, memory_loss_autograd, sparse_kl
 
 V = 99
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mlpmem.memory import MLPMemory, MLPMemoryConfig, init_head_from_lm, memory_config_for, memory_logprobs
+from mlpmem.components.memory import MLPMemory, MLPMemoryConfig, init_head_from_lm, memory_config_for, memory_logprobs
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

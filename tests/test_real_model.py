@@ -18,7 +18,7 @@ TEXT = "The Roman Empire was the state ruled by the Romans following Octavian's 
 
 @pytest.fixture(scope="module")
 def lm_fp32():
-    from mlpmem.lm import load_lm
+    from mlpmem.components.lm import load_lm
 
     return load_lm(ModelConfig(dtype="fp32", device="cpu"))
 
@@ -38,7 +38,7 @@ def gguf():
 
 def test_default_model_loads_from_cache():
     from mlpmem.assets import DEFAULT_MODEL_ID
-    from mlpmem.lm import load_lm
+    from mlpmem.components.lm import load_lm
 
     lm = load_lm(ModelConfig())  # the defaults: 'default' model, bf16, auto device
     ident = lm.identity

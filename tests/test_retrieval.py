@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import mlpmem.knn as knn
+import mlpmem.components.knn as knn
 from helpers import make_model, make_model_dir, make_texts, make_tokenizer, tiny_config, write_corpus
-from mlpmem import data, eval_stage, extract, retrieval
-from mlpmem.data import load_split, plan_windows
-from mlpmem.index import exact_search
-from mlpmem.lm import load_lm
-from mlpmem.retrieval import TargetStore
-from mlpmem.store import StageError
+from pathlib import Path
+
+from mlpmem.artifacts import Datastore, TargetStore, load_split
+from mlpmem.stages import eval as eval_stage, extract, index as index_stage, prepare, targets
+from mlpmem.components.data import plan_windows
+from mlpmem.components.index import exact_search
+from mlpmem.components.lm import load_lm
+from mlpmem.files import StageError
 
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40, "knn.k": 24,
          "knn.store_ids": 24, "knn.query_batch": 200}
@@ -42,10 +44,10 @@ def base_run(assets, tmp_path_factory):
     """prepare + extract + index + knn-targets (Flat, GPT-2) once; tests copy it."""
     out = tmp_path_factory.mktemp("base") / "run"
     cfg = config(assets, out)
-    data.run(cfg)
+    prepare.run(cfg)
     extract.run(cfg)
-    retrieval.run_index(cfg)
-    retrieval.run_targets(cfg)
+    index_stage.run(cfg)
+    targets.run(cfg)
     return out
 
 
@@ -75,7 +77,7 @@ def assert_same_dist(a, b, atol=2e-3):
 
 def test_targets_leave_out_only_the_own_id(assets, base_run):
     cfg = config(assets, base_run)
-    ds = extract.Datastore(cfg.run_dir)
+    ds = Datastore(cfg.run_dir)
     tg = TargetStore(cfg.run_dir)
     keys = np.concatenate([np.asarray(k) for k in ds.keys])
     _, inv, counts = np.unique(keys.view(np.uint8).reshape(ds.n, -1), axis=0, return_inverse=True,
@@ -115,7 +117,7 @@ def test_targets_leave_out_only_the_own_id(assets, base_run):
 
 def test_validation_targets_search_without_leave_one_out(assets, base_run):
     cfg = config(assets, base_run)
-    ds, tg = extract.Datastore(cfg.run_dir), TargetStore(cfg.run_dir)
+    ds, tg = Datastore(cfg.run_dir), TargetStore(cfg.run_dir)
     val = ds.validation()
     assert tg.n_validation == val.n > 0
     xq = np.asarray(val.keys[0])
@@ -128,17 +130,17 @@ def test_validation_targets_search_without_leave_one_out(assets, base_run):
 def test_ivf_with_full_nprobe_equals_flat_and_reports_recall(assets, base_run, tmp_path):
     cfg = config(assets, copy_run(base_run, tmp_path / "run", ("data", "datastore")),
                  **{"index.factory": "IVF4,Flat", "index.nprobe": 4})
-    m = retrieval.run_index(cfg)
-    assert m["factory"] == "IVF4,Flat" and m["ntotal"] == extract.Datastore(cfg.run_dir).n
+    m = index_stage.run(cfg)
+    assert m["factory"] == "IVF4,Flat" and m["ntotal"] == Datastore(cfg.run_dir).n
     rec = m["recall_at_k"]
     assert rec["k"] == cfg.knn.k and rec["nprobe"] == 4
     assert rec["recall"] == 1.0  # exhaustive: ties between identical keys count as found
-    retrieval.run_targets(cfg)
-    assert arrays(retrieval.targets_dir(cfg.run_dir)) == arrays(retrieval.targets_dir(base_run))
+    targets.run(cfg)
+    assert arrays((Path(cfg.run_dir) / 'targets')) == arrays((Path(base_run) / 'targets'))
 
     # one list of four: approximate, and the manifest says so
     low = config(assets, cfg.run_dir, **{"index.factory": "IVF4,Flat", "index.nprobe": 1, "force": True})
-    rec1 = retrieval.run_index(low)["recall_at_k"]
+    rec1 = index_stage.run(low)["recall_at_k"]
     assert rec1["nprobe"] == 1 and 0.0 < rec1["recall"] < 1.0
 
 
@@ -146,15 +148,15 @@ def test_killed_targets_resume_byte_identical(assets, base_run, tmp_path, monkey
     over = {"knn.query_batch": 100, "extract.shards": 2}
     ref = config(assets, copy_run(base_run, tmp_path / "ref", ("data",)), **over)
     extract.run(ref)
-    retrieval.run_index(ref)
-    retrieval.run_targets(ref)
+    index_stage.run(ref)
+    targets.run(ref)
 
     cfg = config(assets, tmp_path / "run", **over)
     shutil.copytree(ref.run_dir / "data", cfg.run_dir / "data")
     shutil.copytree(ref.run_dir / "datastore", cfg.run_dir / "datastore")
     shutil.copytree(ref.run_dir / "index", cfg.run_dir / "index")
-    n = extract.Datastore(cfg.run_dir).n
-    n_blocks = sum(-(-(s["stop"] - s["start"]) // 100) for s in extract.Datastore(cfg.run_dir).manifest["shards"])
+    n = Datastore(cfg.run_dir).n
+    n_blocks = sum(-(-(s["stop"] - s["start"]) // 100) for s in Datastore(cfg.run_dir).manifest["shards"])
     die_after = n_blocks // 2 + 2  # shard 0 done, shard 1 part done
     real, calls = knn.search, {"n": 0, "die": True}
 
@@ -166,29 +168,30 @@ def test_killed_targets_resume_byte_identical(assets, base_run, tmp_path, monkey
 
     monkeypatch.setattr(knn, "search", dying)
     with pytest.raises(RuntimeError, match="killed"):
-        retrieval.run_targets(cfg)
-    out = retrieval.targets_dir(cfg.run_dir)
+        targets.run(cfg)
+    out = (Path(cfg.run_dir) / 'targets')
     assert not (out / "manifest.json").exists()
     calls.update(n=0, die=False)
-    m = retrieval.run_targets(cfg)
-    assert calls["n"] == n_blocks - die_after  # only the unfinished blocks were searched again
+    m = targets.run(cfg)
+    n_val_blocks = -(-Datastore(cfg.run_dir).validation().n // 100)  # the validation targets come after
+    assert calls["n"] == n_blocks - die_after + n_val_blocks  # only the unfinished blocks were searched again
     assert m["n_positions"] == n and len(m["shards"]) == 2
-    assert arrays(out) == arrays(retrieval.targets_dir(ref.run_dir))
+    assert arrays(out) == arrays((Path(ref.run_dir) / 'targets'))
 
 
 def test_teacher_with_the_same_tokenizer(assets, base_run, tmp_path):
     # teacher: the GPT-2 base run; student: a Llama model (other family, other seed) with the same tokenizer
     student = config(assets, tmp_path / "student", "llama", **{"knn.teacher_dir": str(base_run)})
-    data.run(student)
+    prepare.run(student)
     extract.run(student)
-    t_ds, s_ds = extract.Datastore(base_run), extract.Datastore(student.run_dir)
+    t_ds, s_ds = Datastore(base_run), Datastore(student.run_dir)
     assert t_ds.manifest["model"]["tokenizer_hash"] == s_ds.manifest["model"]["tokenizer_hash"]
     assert t_ds.manifest["model"]["fingerprint"] != s_ds.manifest["model"]["fingerprint"]
-    m = retrieval.run_targets(student)  # no index of its own needed
+    m = targets.run(student)  # no index of its own needed
     assert m["teacher"] == str(base_run)
     # the targets are the teacher's own targets, row for row (same positions, teacher keys)
-    assert arrays(retrieval.targets_dir(student.run_dir)) == arrays(retrieval.targets_dir(base_run))
-    from mlpmem import train
+    assert arrays((Path(student.run_dir) / 'targets')) == arrays((Path(base_run) / 'targets'))
+    from mlpmem.stages import train
 
     tm = train.run(config(assets, student.run_dir, "llama", **{"knn.teacher_dir": str(base_run),
                                                                "train.max_steps": 3}))
@@ -197,10 +200,10 @@ def test_teacher_with_the_same_tokenizer(assets, base_run, tmp_path):
     # a student whose validation keys cover other positions than the teacher's cannot use its targets
     other = config(assets, tmp_path / "student2", "llama", **{"knn.teacher_dir": str(base_run),
                                                                "train.val_positions": 30})
-    data.run(other)
+    prepare.run(other)
     extract.run(other)
     with pytest.raises(StageError, match="--train.val_positions"):
-        retrieval.run_targets(other)
+        targets.run(other)
 
 
 def test_teacher_with_another_tokenizer_is_refused(assets, base_run, tmp_path):
@@ -210,28 +213,28 @@ def test_teacher_with_another_tokenizer_is_refused(assets, base_run, tmp_path):
     tok.save_pretrained(other / "model-gpt2")
     shutil.copy(assets / "corpus.txt", other / "corpus.txt")
     teacher = tiny_config(other, "gpt2", out_dir=str(tmp_path / "teacher"), **SMALL)
-    data.run(teacher)
+    prepare.run(teacher)
     extract.run(teacher)
-    retrieval.run_index(teacher)
+    index_stage.run(teacher)
     student = config(assets, copy_run(base_run, tmp_path / "student", ("data", "datastore")),
                      **{"knn.teacher_dir": str(teacher.run_dir)})
     with pytest.raises(StageError, match="tokenizer"):
-        retrieval.run_targets(student)
-    assert not (retrieval.targets_dir(student.run_dir) / "manifest.json").exists()
+        targets.run(student)
+    assert not ((Path(student.run_dir) / 'targets') / "manifest.json").exists()
 
 
 def test_bad_inputs_give_clear_errors(assets, base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
     with pytest.raises(StageError, match="lower --knn.k"):
-        retrieval.run_targets(config(assets, run, **{"knn.k": 10**6}))
+        targets.run(config(assets, run, **{"knn.k": 10**6}))
     shutil.rmtree(run / "index")
     with pytest.raises(StageError, match="mlpmem index"):
-        retrieval.run_targets(config(assets, run))
+        targets.run(config(assets, run))
     # an index over another datastore (re-extracted since)
-    retrieval.run_index(config(assets, run))
+    index_stage.run(config(assets, run))
     extract.run(config(assets, run, **{"window.stride": 16, "force": True}))
     with pytest.raises(StageError, match="mlpmem index --force"):
-        retrieval.run_targets(config(assets, run, **{"window.stride": 16}))
+        targets.run(config(assets, run, **{"window.stride": 16}))
 
 
 def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, base_run, tmp_path):
@@ -240,18 +243,18 @@ def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, base_run, 
     mi = json.loads((run / "index" / "manifest.json").read_text())
     mt = json.loads((run / "targets" / "manifest.json").read_text())
     before = arrays(run / "targets")
-    assert retrieval.run_index(cfg) == mi
-    assert retrieval.run_targets(cfg) == mt
+    assert index_stage.run(cfg) == mi
+    assert targets.run(cfg) == mt
     assert arrays(run / "targets") == before
 
     with pytest.raises(StageError, match="--force"):
-        retrieval.run_index(config(assets, run, **{"index.factory": "IVF4,Flat"}))
+        index_stage.run(config(assets, run, **{"index.factory": "IVF4,Flat"}))
     with pytest.raises(StageError, match="--force"):
-        retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0}))
-    m = retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0, "force": True}))
+        targets.run(config(assets, run, **{"knn.temperature": 2.0}))
+    m = targets.run(config(assets, run, **{"knn.temperature": 2.0, "force": True}))
     assert m["temperature"] == 2.0 and m["fingerprint"] != mt["fingerprint"]
     assert arrays(run / "targets") != before
-    assert retrieval.run_targets(config(assets, run, **{"knn.temperature": 2.0})) == m
+    assert targets.run(config(assets, run, **{"knn.temperature": 2.0})) == m
 
 
 # ----------------------------------------------------------------------------- kNN-LM evaluation
@@ -285,7 +288,7 @@ def test_knn_lm_at_lambda_zero_is_the_base_lm(assets, base_run, tmp_path):
             if r["lam"] == 0.0:
                 assert r["ppl"] == base
         assert any(r["ppl"] != base for r in rows if r["lam"] > 0)  # kNN-LM does change something
-        tokens, _ = load_split(cfg, split)
+        tokens, _ = load_split(cfg.run_dir, split)
         assert base == pytest.approx(_direct_ppl(lm, tokens, cfg.window.context, cfg.window.stride), rel=1e-5)
         assert res["splits"][split]["systems"]["base"]["ppl"] == base
 

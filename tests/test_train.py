@@ -9,8 +9,8 @@ import torch
 from numpy.lib.format import open_memmap
 
 from mlpmem.config import TrainConfig
-from mlpmem.memory import MLPMemory, MLPMemoryConfig
-from mlpmem.trainer import ArraySource, BatchPlan, InputSource, Targets, evaluate, lr_at, train_memory
+from mlpmem.components.memory import MLPMemory, MLPMemoryConfig
+from mlpmem.components.trainer import ArraySource, BatchPlan, InputSource, Targets, evaluate, lr_at, train_memory
 
 V, D, K = 99, 32, 8
 

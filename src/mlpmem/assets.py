@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from mlpmem.store import atomic_file
+from mlpmem.files import atomic_file
 
 log = logging.getLogger(__name__)
 

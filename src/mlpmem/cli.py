@@ -7,32 +7,14 @@ flags override the YAML file, which overrides the defaults in :mod:`mlpmem.confi
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import typing
 
-from mlpmem.config import Config, ConfigError, iter_options, load_config
+from mlpmem.config import Config, iter_options, load_config
+from mlpmem.errors import UserError
+from mlpmem.stages import COMMANDS
 
-# stage -> (one-line description, config sections it reads)
-STAGES: dict[str, tuple[str, list[str]]] = {
-    "prepare": ("Tokenize the corpus into train/validation/test streams.", ["model", "data"]),
-    "extract": ("Store the base LM's keys (hidden states) and values (next tokens) over the train split.",
-                ["model", "data", "window", "extract"]),
-    "index": ("Build a FAISS index over the stored keys and report its recall against exact search.",
-              ["index", "knn"]),
-    "knn-targets": ("Search each train position's neighbours (leave-one-out) and store sparse kNN targets.",
-                    ["index", "knn"]),
-    "train": ("Train the MLP memory on the kNN targets (offline keys or online LM).",
-              ["model", "window", "extract", "knn", "memory", "train"]),
-    "eval": ("Perplexity of base LM, kNN-LM, memory and their mixtures; lambda tuned on validation.",
-             ["model", "data", "window", "extract", "index", "knn", "memory", "eval"]),
-    "generate": ("Generate with the base LM with and without the memory mixed in.",
-                 ["model", "extract", "memory", "generate"]),
-    "pipeline": ("Run every stage in order (each skips work already done), then print the results table.",
-                 ["model", "data", "window", "extract", "index", "knn", "memory", "train", "eval", "generate"]),
-    "bench": ("Measure speed, memory and storage side by side: base vs memory vs kNN-LM, extraction, training.",
-              ["model", "data", "window", "extract", "index", "knn", "memory", "train", "bench"]),
-    "fetch-assets": ("Download and cache the offline default model and corpus.", []),
-}
 TOP_LEVEL = ["out_dir", "seed", "threads", "force"]
 
 
@@ -53,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="Print the version and exit.")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
     defaults = Config().to_dict()
-    for stage, (desc, sections) in STAGES.items():
+    for stage, spec in COMMANDS.items():
+        desc, sections = spec.description, spec.sections
         p = sub.add_parser(stage, help=desc, description=desc)
         p.add_argument("--config", help="YAML file with any of the sections below (flags override it).")
-        p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+        p.add_argument("-v", "--verbose", action="store_true", help="Debug logging, and tracebacks on errors.")
         groups = {"": p.add_argument_group("run")}
         for s in sections:
             groups[s] = p.add_argument_group(s)
@@ -87,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stage:
         parser.print_help()
         return 2
-    from mlpmem.lm import ModelLoadError
     from mlpmem.runtime import init_distributed, seed_everything, set_threads, setup_logging
-    from mlpmem.store import StageError
 
     setup_logging(args.verbose)
     overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "config", "verbose", "version")}
@@ -99,39 +80,52 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(cfg.seed)
         init_distributed()
         run_stage(args.stage, cfg)
-    except (ConfigError, StageError, ModelLoadError, ValueError, FileNotFoundError) as e:
-        print(f"mlpmem {args.stage}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # the user's to fix: one line that says how
+        return _fail(args, e, 2)
+    except OSError as e:  # the machine's: full disk, permissions, ...
+        return _fail(args, e, 1, _os_error(e))
+    except KeyboardInterrupt:
+        print(f"mlpmem {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in mlpmem
+        return _fail(args, e, 1, f"internal error ({type(e).__name__}: {_first_line(e)}); this is a bug in "
+                                 "mlpmem: rerun with -v for the traceback and report it")
     return 0
 
 
-def run_stage(stage: str, cfg: Config):
-    """Dispatch to the stage's ``run(cfg)`` (imported lazily so ``--help`` stays fast)."""
-    if stage == "fetch-assets":
-        from mlpmem.assets import fetch_all
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
-        return fetch_all()
-    if stage == "prepare":
-        from mlpmem.data import run
-    elif stage == "extract":
-        from mlpmem.extract import run
-    elif stage == "index":
-        from mlpmem.retrieval import run_index as run
-    elif stage == "knn-targets":
-        from mlpmem.retrieval import run_targets as run
-    elif stage == "train":
-        from mlpmem.train import run
-    elif stage == "eval":
-        from mlpmem.eval_stage import run
-    elif stage == "generate":
-        from mlpmem.generate import run
-    elif stage == "pipeline":
-        from mlpmem.pipeline import run
-    elif stage == "bench":
-        from mlpmem.bench import run
-    else:  # pragma: no cover - argparse restricts choices
-        raise ValueError(stage)
-    return run(cfg)
+
+def _os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"no space left on the device or over a file-size limit{where}: free space (or choose another "
+                "--out_dir) and rerun; the stage resumes where it stopped")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose a writable --out_dir or fix the permissions"
+    return f"{e.strerror or _first_line(e)}{where}"
+
+
+def _fail(args, e: BaseException, code: int, message: str | None = None) -> int:
+    if args.verbose:
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"mlpmem {args.stage}: error: {message or _first_line(e)}", file=sys.stderr)
+    return code
+
+
+def run_stage(stage: str, cfg: Config):
+    """Run a command of the stage table; commands that write hold the run directory's lock."""
+    spec = COMMANDS[stage]
+    if not spec.writes:
+        return spec.run(cfg) if stage != "fetch-assets" else spec.run()
+    from mlpmem.artifacts.lock import run_lock
+
+    with run_lock(cfg.run_dir, f"mlpmem {stage}"):
+        return spec.run(cfg)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range. The message names the flag."""
+from mlpmem.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
@@ -428,7 +426,7 @@ def iter_options(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[
 
 def save_config(cfg: Config, path: Path, sections: list[str] | None = None) -> None:
     """Write the resolved config (or some sections) as YAML next to an artifact."""
-    from mlpmem.store import atomic_write_text
+    from mlpmem.files import atomic_write_text
 
     d = cfg.to_dict()
     if sections is not None:

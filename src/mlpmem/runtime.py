@@ -39,9 +39,44 @@ def init_distributed() -> Dist:
     return d
 
 
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _dist_on():
         torch.distributed.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (a picklable object; the value itself for one process)."""
+    if not _dist_on():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for tests: SIGKILL this process at the named point when MLPMEM_FAULT names it.
+
+    ``MLPMEM_FAULT=name`` kills at the first pass, ``name@N`` at the N-th. A real signal: no ``finally``, no
+    ``atexit``, no flush runs, as when a machine dies or the OOM killer strikes.
+    """
+    spec = os.environ.get("MLPMEM_FAULT")
+    if not spec:
+        return
+    want, _, nth = spec.partition("@")
+    if want != name:
+        return
+    count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if count == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_counts: dict[str, int] = {}
 
 
 def seed_everything(seed: int) -> None:
@@ -62,19 +97,21 @@ def set_threads(n: int | None) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """mlpmem's own INFO lines on rank 0; every other library at WARNING (faiss' loader, for one, logs its failed
+    AVX512 import at INFO, which reads like an error). ``verbose``: everything at DEBUG."""
     d = dist_info()
-    level = logging.DEBUG if verbose else (logging.INFO if d.is_main else logging.WARNING)
     fmt = "%(asctime)s %(levelname).1s %(name)s" + (f" [rank {d.rank}]" if d.world_size > 1 else "") + ": %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=fmt, datefmt="%H:%M:%S",
+                        force=True)
+    own = logging.DEBUG if verbose else (logging.INFO if d.is_main else logging.WARNING)
+    logging.getLogger("mlpmem").setLevel(own)
 
 
-def progress(iterable=None, **kw):
-    """tqdm on rank 0 (disabled elsewhere and when MLPMEM_NO_PROGRESS is set)."""
+def progress(iterable=None, show: bool = True, **kw):
+    """tqdm on rank 0 (disabled elsewhere, when ``show`` is False and when MLPMEM_NO_PROGRESS is set)."""
     from tqdm.auto import tqdm
 
-    disable = not dist_info().is_main or bool(os.environ.get("MLPMEM_NO_PROGRESS"))
+    disable = not show or not dist_info().is_main or bool(os.environ.get("MLPMEM_NO_PROGRESS"))
     return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=2.0, **kw)
 
 

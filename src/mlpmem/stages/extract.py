@@ -19,25 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.capture import forward_hidden, resolve_hook
-from mlpmem.config import Config, save_config
-from mlpmem.data import batch_windows, data_dir, load_split, plan_windows, shard_windows
-from mlpmem.lm import LoadedLM, load_lm
-from mlpmem.runtime import barrier, dist_info, progress
-from mlpmem.store import Progress, StageError, atomic_write_json, create_memmap, fingerprint, invalidate, \
-    load_npy, read_manifest, require_manifest, shard_name, should_skip, write_manifest
+from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, invalidate, load_split, should_skip, verify_chain, \
+    write_manifest
+from mlpmem.components.capture import forward_hidden, resolve_hook
+from mlpmem.components.data import batch_windows, plan_windows, shard_windows
+from mlpmem.components.lm import LoadedLM, load_lm
+from mlpmem.config import Config
+from mlpmem.errors import StageError
+from mlpmem.files import Progress, atomic_write_json, create_memmap, fingerprint, read_json, shard_name
+from mlpmem.runtime import barrier, dist_info, fault_point, progress
+from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 8  # batches between checkpoints of a shard's progress
 
 
-def datastore_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "datastore"
-
-
-def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str) -> str:
-    data_fp = (read_manifest(data_dir(cfg)) or {}).get("fingerprint")
+def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str, data_fp: str) -> str:
     return fingerprint("extract", lm.identity["fingerprint"], data_fp, cfg.model.dtype, hook,
                        cfg.window.context, cfg.window.stride, cfg.extract.shards)
 
@@ -85,6 +83,7 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
         if (bi + 1) % FLUSH_EVERY == 0 or done_w == len(windows):
             keys.flush()
             prog.update(done_w)
+            fault_point("extract.flush")
     bar.close()
     secs = time.perf_counter() - t0
     info = {"shard": shard, "start": start, "stop": stop, "keys": kpath.name, "vals": vpath.name,
@@ -112,8 +111,8 @@ def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
     lm = lm or load_lm(cfg.model)
     check_context(lm, cfg.window.context)
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
-    m = _extract_split(cfg, lm, hook, "train", datastore_dir(cfg.run_dir), None)
-    _extract_split(cfg, lm, hook, "validation", datastore_dir(cfg.run_dir) / "validation", cfg.train.val_positions)
+    m = _extract_split(cfg, lm, hook, "train", cfg.run_dir / DATASTORE, None)
+    _extract_split(cfg, lm, hook, "validation", cfg.run_dir / DATASTORE_VAL, cfg.train.val_positions)
     return m
 
 
@@ -129,11 +128,13 @@ def check_context(lm: LoadedLM, context: int) -> None:
 
 def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None) -> dict:
     dist = dist_info()
-    fp = fingerprint(extract_fingerprint(cfg, lm, str(hook)), split, max_positions)
-    done = should_skip(out, "extract", fp, cfg.force, "mlpmem extract")
+    data_m = verify_chain(cfg.run_dir, DATA, "prepare")
+    upstream = {DATA: data_m["fingerprint"]}
+    fp = fingerprint(extract_fingerprint(cfg, lm, str(hook), data_m["fingerprint"]), split, max_positions)
+    done = should_skip(out, "extract", fp, cfg.force, upstream)
     if done:
         return done
-    tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
+    tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
     if max_positions is not None:
         tokens = tokens[: max_positions + 1]
     windows = plan_windows(len(tokens), cfg.window.context, cfg.window.stride)
@@ -151,7 +152,7 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     mine = range(dist.rank, n_shards, dist.world_size) if split == "train" else ([0] if dist.is_main else [])
     for s in mine:
         marker = out / f".shard-{s:05d}.json"
-        sm = read_manifest_json(marker)
+        sm = read_json(marker)
         if sm and sm.get("fingerprint") == fp and (out / sm["keys"]).is_file() and not cfg.force:
             log.info("extract: %s shard %d already complete", split, s)
             continue
@@ -160,76 +161,18 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     barrier()
     if not dist.is_main:
         return {}
-    shards = [read_manifest_json(out / f".shard-{s:05d}.json") for s in range(n_shards)]
+    shards = [read_json(out / f".shard-{s:05d}.json") for s in range(n_shards)]
     if any(sm is None or sm.get("fingerprint") != fp for sm in shards):
         raise StageError(f"extract: some shards in {out} are missing; rerun `mlpmem extract`")
     n = len(tokens) - 1
     width = int(np.load(out / shards[0]["keys"], mmap_mode="r").shape[1])
     secs = sum(sm["seconds"] for sm in shards)
-    save_config(cfg, out / "config.yaml", ["model", "window", "extract"])
+    save_stage_config(cfg, "extract", out)
     return write_manifest(
-        out, "extract", fp, split=split, model=lm.identity, dtype=cfg.model.dtype, hook=str(hook), dim=width,
+        out, "extract", fp, upstream, split=split, model=lm.identity, dtype=cfg.model.dtype, hook=str(hook), dim=width,
         key_dtype="float16", val_dtype="int32", n_positions=n, window=cfg.to_dict()["window"],
-        data_fingerprint=(read_manifest(data_dir(cfg)) or {}).get("fingerprint"),
+        data_fingerprint=data_m["fingerprint"],
         shards=[{k: sm[k] for k in ("start", "stop", "keys", "vals")} for sm in shards],
         bytes=sum((out / sm["keys"]).stat().st_size + (out / sm["vals"]).stat().st_size for sm in shards),
         # per process: rows computed / seconds, summed over shards (a resumed shard counts only its own work)
         tokens_per_s=round(sum(sm.get("computed", 0) for sm in shards) / secs, 1) if secs else None)
-
-
-def read_manifest_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-
-
-class Datastore:
-    """Read access to a finished datastore: shard memmaps of keys (float16) and vals (int32), by global row."""
-
-    def __init__(self, run_dir: Path, expect_model: dict | None = None, expect_hook: str | None = None,
-                 split: str = "train"):
-        self.run_dir = Path(run_dir)
-        self.dir = datastore_dir(run_dir) if split == "train" else datastore_dir(run_dir) / split
-        self.manifest = m = require_manifest(self.dir, "extract", "mlpmem extract")
-        if expect_model is not None and m["model"]["fingerprint"] != expect_model["fingerprint"]:
-            raise StageError(f"the datastore in {self.dir} was built with model {m['model']['name']} "
-                             f"(fingerprint {m['model']['fingerprint']}), not {expect_model['name']} "
-                             f"({expect_model['fingerprint']}): rerun `mlpmem extract --force` or fix --model.name")
-        if expect_hook is not None and m["hook"] != expect_hook:
-            raise StageError(f"the datastore in {self.dir} holds keys from hook {m['hook']}, but the config names "
-                             f"{expect_hook}: rerun `mlpmem extract --force` or set --extract.hook {m['hook']}")
-        self.n, self.dim = m["n_positions"], m["dim"]
-        try:
-            self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
-            self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"])
-                                for s in m["shards"]]
-        except StageError as e:
-            raise StageError(f"damaged datastore: {e} (that stage is `mlpmem extract --force`)") from None
-        for k in self.keys:
-            if k.ndim != 2 or k.shape[1] != self.dim:
-                raise StageError(f"a key shard in {self.dir} has shape {k.shape}, expected (rows, {self.dim}): "
-                                 "rerun `mlpmem extract --force`")
-
-    @property
-    def has_validation(self) -> bool:
-        m = read_manifest(datastore_dir(self.run_dir) / "validation")
-        return bool(m and m.get("complete"))
-
-    def validation(self) -> "Datastore":
-        return Datastore(self.run_dir, split="validation")
-
-    @property
-    def vals(self) -> np.ndarray:
-        """All values as one int32 array in memory (4 bytes per row)."""
-        if not hasattr(self, "_vals"):
-            self._vals = np.concatenate([np.asarray(v) for v in self.vals_shards])
-        return self._vals
-
-    def key_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Keys of arbitrary global rows, (len(rows), d) float16, in the order given."""
-        from mlpmem.index import ConcatRows
-
-        return ConcatRows(self.keys)[np.asarray(rows, dtype=np.int64)]

@@ -18,9 +18,10 @@ from typing import Sequence
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from mlpmem.store import StageError, atomic_file
+from mlpmem.errors import ConfigError, StageError
+from mlpmem.files import atomic_file
+from mlpmem.runtime import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,24 @@ def resolve_factory(factory: str, n: int, d: int | None = None) -> str:
     if n < 1:
         raise ValueError(f"cannot index an empty datastore (n={n})")
     if factory == "auto":
-        if n < AUTO_FLAT_BELOW:
-            return "Flat"
-        nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
-        m = 64
-        if d is not None and d % m:
-            m = max(q for q in range(1, 65) if d % q == 0)
-        return f"IVF{nlist},PQ{m}"
+        return "Flat" if n < AUTO_FLAT_BELOW else ivfpq_spec(n, d)
     if d is not None:
         make_index(d, factory)
     return factory
+
+
+def ivfpq_spec(n: int, d: int | None, n_train: int | None = None) -> str:
+    """'IVF{nlist},PQ{m}[x{bits}]' for ``n`` keys of width ``d``: nlist the power of two nearest 4*sqrt(n) (at most
+    65536), m = 64 sub-quantizers (64-byte codes) or the largest divisor of ``d`` below 64. With ``n_train``
+    training keys, nlist is also capped by FAISS' 39 training points per list, and codes get fewer than 8 bits
+    when there are under 39 * 256 points (tiny stores)."""
+    nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
+    m = 64 if d is None or d % 64 == 0 else max(q for q in range(1, 65) if d % q == 0)
+    if n_train is None:
+        return f"IVF{nlist},PQ{m}"
+    nlist = max(1, min(nlist, 2 ** int(math.log2(max(1, n_train // 39)))))
+    nbits = max(1, min(8, int(math.log2(max(1, n_train // 39)))))
+    return f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}")
 
 
 def make_index(d: int, factory: str) -> faiss.Index:
@@ -155,7 +164,7 @@ def make_index(d: int, factory: str) -> faiss.Index:
         return faiss.index_factory(int(d), factory, faiss.METRIC_L2)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
-        raise ValueError(f"--index.factory: FAISS cannot build {factory!r} for d={d} ({msg}); try 'Flat', "
+        raise ConfigError(f"--index.factory: FAISS cannot build {factory!r} for d={d} ({msg}); try 'Flat', "
                          f"'IVF4096,PQ64' (PQ m must divide d) or 'auto'") from None
 
 
@@ -167,12 +176,12 @@ def _gpu_count() -> int:
 
 def _use_gpu(use_gpu: str) -> bool:
     if use_gpu not in ("auto", "yes", "no"):
-        raise ValueError(f"--index.use_gpu: must be auto, yes or no, got {use_gpu!r}")
+        raise ConfigError(f"--index.use_gpu: must be auto, yes or no, got {use_gpu!r}")
     if use_gpu == "no":
         return False
     if _gpu_count() == 0:
         if use_gpu == "yes":
-            raise ValueError("--index.use_gpu yes: this FAISS sees no GPU (faiss-cpu installed, or no CUDA device)")
+            raise ConfigError("--index.use_gpu yes: this FAISS sees no GPU (faiss-cpu installed, or no CUDA device)")
         return False
     return True
 
@@ -195,7 +204,7 @@ def _to_gpu(index: faiss.Index, use_gpu: str, all_gpus: bool) -> faiss.Index | N
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
         if use_gpu == "yes":
-            raise ValueError(f"--index.use_gpu yes: FAISS cannot put this index on GPU ({msg}); use auto or no, "
+            raise ConfigError(f"--index.use_gpu yes: FAISS cannot put this index on GPU ({msg}); use auto or no, "
                              "or a factory whose PQ sub-vectors have a GPU-supported size") from None
         log.warning("index: GPU clone failed (%s); continuing on CPU", msg)
         return None
@@ -254,7 +263,7 @@ def build_index(key_shards: np.ndarray | Sequence[np.ndarray], factory: str, tra
     gindex = _to_gpu(index, use_gpu, all_gpus=True) if gpu else None
     target = index if gindex is None else gindex
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="key", unit_scale=True, desc="index add", disable=not progress) as bar:
+    with progress_bar(total=n, unit="key", unit_scale=True, desc="index add", show=progress) as bar:
         for start in range(0, n, add_chunk):
             x = to_float32(xb[start:start + add_chunk])
             target.add(x)
@@ -304,9 +313,9 @@ def load_index(path: str | Path, nprobe: int | None = None, mmap: bool = False) 
 
 def _check_k(k: int, n: int) -> None:
     if k < 1:
-        raise ValueError(f"k={k} must be >= 1: raise --knn.k")
+        raise ConfigError(f"k={k} must be >= 1: raise --knn.k")
     if k > n:
-        raise ValueError(f"k={k} larger than the datastore ({n} keys): lower --knn.k")
+        raise ConfigError(f"k={k} larger than the datastore ({n} keys): lower --knn.k")
 
 
 def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

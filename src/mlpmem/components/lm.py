@@ -10,15 +10,12 @@ from pathlib import Path
 import torch
 
 from mlpmem.config import ModelConfig
-from mlpmem.store import fingerprint
+from mlpmem.errors import ModelLoadError
+from mlpmem.files import atomic_write_json, file_sha256, fingerprint, read_json
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """The model or tokenizer named by --model.name could not be loaded."""
 
 
 @dataclass
@@ -89,7 +86,43 @@ def load_tokenizer(mcfg: ModelConfig):
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
 
 
-def model_identity(mcfg: ModelConfig, model, tok) -> dict:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime, inode) so a large checkpoint is hashed once."""
+    from mlpmem.assets import cache_dir
+
+    st = path.stat()
+    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    cached = cache_dir() / "digests" / f"{fingerprint(key['path'])}.json"
+    hit = read_json(cached)
+    if isinstance(hit, dict) and hit.get("key") == key:
+        return hit["sha256"]
+    digest = file_sha256(path)
+    atomic_write_json(cached, {"key": key, "sha256": digest})
+    return digest
+
+
+def weights_digest(src: str, kw: dict, model) -> str:
+    """Content identity of the weights: hash of the weight files of a local model (cached), the commit of a hub
+    snapshot, else a hash of the loaded tensors. Replacing a checkpoint's weights in place changes it."""
+    p = Path(src)
+    files = [p / kw["gguf_file"]] if "gguf_file" in kw else \
+        sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if p.is_dir() else []
+    if files:
+        return fingerprint([(f.name, _file_digest(f)) for f in files])
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return f"commit:{commit}"
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(mcfg: ModelConfig, model, tok, weights: str | None = None) -> dict:
     cfg_json = model.config.to_json_string(use_diff=False)
     # dtype-independent: the same checkpoint at fp32 or bf16 has the same identity (dtype recorded separately)
     cfg_hash = hashlib.sha256(
@@ -108,6 +141,7 @@ def model_identity(mcfg: ModelConfig, model, tok) -> dict:
         "n_params": sum(p.numel() for p in model.parameters()),
         "hidden_size": model.config.get_text_config().hidden_size,
         "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "weights": weights,
     }
     ident["fingerprint"] = fingerprint(ident)
     return ident
@@ -127,7 +161,7 @@ def load_lm(mcfg: ModelConfig) -> LoadedLM:
         raise ModelLoadError(f"--model.name {mcfg.name}: could not load the model ({str(e).splitlines()[0]}). "
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
     model.to(device).eval().requires_grad_(False)
-    ident = model_identity(mcfg, model, tok)
+    ident = model_identity(mcfg, model, tok, weights_digest(src, kw, model))
     log.info("loaded %s (%s, %.1fM params, %s on %s)", ident["name"], ident["model_type"],
              ident["n_params"] / 1e6, mcfg.dtype, device)
     return LoadedLM(model=model, tokenizer=tok, identity=ident, device=device)

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.bench_report import format_table, plot, ratios, si
-from mlpmem.bench_train import bench_training
+from mlpmem.bench.report import format_table, plot, ratios, si
+from mlpmem.bench.train import bench_training
 from mlpmem.config import Config
 from mlpmem.runtime import machine_info, sync
 
@@ -46,7 +46,7 @@ def bench_tokens(cfg: Config, tok) -> tuple[np.ndarray, np.ndarray]:
 
     Tokenizes only a prefix of each split (whole documents, then cut), so this takes a second, not a minute.
     """
-    from mlpmem.data import assign_splits, read_corpus, separator_ids, tokenize_split
+    from mlpmem.components.data import assign_splits, read_corpus, separator_ids, tokenize_split
 
     splits = assign_splits(read_corpus(cfg.data), cfg.data)
     sep = separator_ids(tok, cfg.data.separator)
@@ -97,17 +97,6 @@ def synth_datastore(keys: np.ndarray, vals: np.ndarray, n: int, noise: float,
     return out, np.resize(vals, n).astype(np.int32)
 
 
-def ivfpq_factory(n: int, d: int, n_train: int) -> str:
-    """IVF{nlist},PQ{m}: nlist the power of two nearest 4*sqrt(n), capped by FAISS' 39 training points per list
-    (and 65536); m = 64 sub-quantizers (64-byte codes) or the largest divisor of d below 64; 8-bit codes when
-    there are >= 39 * 256 training points, fewer bits below (tiny tests)."""
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    nlist = max(1, min(nlist, 2 ** int(math.log2(max(1, n_train // 39))), 65536))
-    m = 64 if d % 64 == 0 else max(q for q in range(1, 65) if d % q == 0)
-    nbits = max(1, min(8, int(math.log2(max(1, n_train // 39)))))
-    return f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}")
-
-
 def index_bytes(index) -> int:
     """Serialized size of a FAISS index, counted as it streams out (no copy of a multi-GB flat index is kept)."""
     import faiss
@@ -123,25 +112,21 @@ def index_bytes(index) -> int:
     return n
 
 
-def _body(model):
-    return getattr(model, "base_model", model)
-
-
 # ----------------------------------------------------------------------------- extraction
 
 def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """Extract real keys with the extract stage's own shard writer (one shard per batch of windows) and time the
     bare body forward on the same batches, alternating bare / extract batch by batch (and which goes first), so
     machine-load drift hits both alike. The ratio is the median of the per-batch ratios (robust to a load spike)."""
-    from mlpmem.capture import forward_hidden
-    from mlpmem.data import batch_windows, plan_windows
-    from mlpmem.extract import extract_shard
-    from mlpmem.store import shard_name
+    from mlpmem.components.capture import decoder_body, forward_hidden
+    from mlpmem.components.data import batch_windows, plan_windows
+    from mlpmem.stages.extract import extract_shard
+    from mlpmem.files import shard_name
 
     wc = cfg.window
     windows = plan_windows(len(tokens), wc.context, wc.stride)
     groups = [windows[i:i + wc.batch_size] for i in range(0, len(windows), wc.batch_size)]
-    body, dev = _body(lm.model), lm.device
+    body, dev = decoder_body(lm.model), lm.device
     work.mkdir(parents=True, exist_ok=True)
 
     def bare(group) -> float:
@@ -186,7 +171,7 @@ def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> t
 
 def time_scoring(cfg: Config, lm, tokens: np.ndarray, desc: str, **kw) -> dict:
     """One sliding-window scoring of `tokens`, timed: everything the eval stage does per token."""
-    from mlpmem.evaluate import score_tokens
+    from mlpmem.components.scoring import score_tokens
 
     wc = cfg.window
     sync(lm.device)
@@ -198,26 +183,11 @@ def time_scoring(cfg: Config, lm, tokens: np.ndarray, desc: str, **kw) -> dict:
             "parts_s": {k: round(v, 6) for k, v in sc.seconds.items() if v}, "base_ppl": float(np.exp(-sc.lm.mean()))}
 
 
-def knn_scorer(index, vals: np.ndarray, keys: np.ndarray, k: int, temperature: float, exact: bool):
-    """The kNN-LM term of evaluation (as retrieval.load_knn_scorer): search, optional exact distances, gold log p."""
-    from mlpmem.index import search
-    from mlpmem.knn import knn_gold_logprobs, recompute_distances
-
-    def scorer(h: torch.Tensor, gold: torch.Tensor) -> np.ndarray:
-        xq = h.float().cpu().numpy()
-        D, I = search(index, xq, k)
-        if exact:
-            D = recompute_distances(keys, xq, I)
-        return knn_gold_logprobs(D, I, vals, gold.cpu().numpy(), [temperature])
-
-    return scorer
-
-
 def make_memories(cfg: Config, lm) -> dict:
     """{system name: memory} for each of --bench.memory_blocks (0: the depth rule), in the inference dtype, with
     random weights; named ``base+memory-<blocks>b``."""
-    from mlpmem.lm import DTYPES
-    from mlpmem.memory import MLPMemory, memory_config_for
+    from mlpmem.components.lm import DTYPES
+    from mlpmem.components.memory import MLPMemory, memory_config_for
 
     out = {}
     for nb in cfg.bench.memory_blocks:
@@ -250,7 +220,7 @@ def round_robin(cfg: Config, lm, tokens: np.ndarray, runners: dict[str, dict], t
 
 def stream_rows(index, keys: np.ndarray, vals: np.ndarray, start: int, stop: int, noise: float, seed: int) -> None:
     """Add synthetic rows [start, stop) to a trained index chunk by chunk (they are never all in RAM)."""
-    from mlpmem.index import to_float32
+    from mlpmem.components.index import to_float32
 
     t0 = time.perf_counter()
     for row, x, _ in synth_chunks(keys, vals, start, stop, noise, seed):
@@ -264,7 +234,8 @@ def stream_rows(index, keys: np.ndarray, vals: np.ndarray, start: int, stop: int
 
 def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -> tuple[list, list, list]:
     """Per datastore size: tokens/s of every system, index build times, storage bytes."""
-    from mlpmem.index import build_index, set_nprobe
+    from mlpmem.components.index import build_index, ivfpq_spec, set_nprobe
+    from mlpmem.components.knn import knn_scorer
 
     b, show = cfg.bench, not os.environ.get("MLPMEM_NO_PROGRESS")
     k, d = cfg.knn.k, keys.shape[1]
@@ -284,7 +255,7 @@ def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -
         runners = {"base": {}, **{name: {"hook": hook, "memory": m} for name, m in memories.items()}}
         irow = {"size": n}
         kinds = [("flat", "Flat")] if n <= b.flat_max else []
-        kinds.append(("ivfpq", ivfpq_factory(n, d, min(n, b.ivf_train_size))))
+        kinds.append(("ivfpq", ivfpq_spec(n, d, min(n, b.ivf_train_size))))
         for kind, spec in kinds:
             t0 = time.perf_counter()
             index = build_index(all_keys[:min(n, held)], spec, b.ivf_train_size, min(cfg.index.add_chunk, 1 << 18),
@@ -295,7 +266,7 @@ def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -
             set_nprobe(index, cfg.index.nprobe)
             irow[kind] = {"factory": spec, "build_s": round(build_s, 2), "bytes": index_bytes(index),
                           "nprobe": cfg.index.nprobe if kind == "ivfpq" else None}
-            scorer = knn_scorer(index, vb, xb, k, cfg.knn.temperature, cfg.knn.distances == "exact")
+            scorer = knn_scorer(index, xb, vb, k, [cfg.knn.temperature], cfg.knn.distances == "exact")
             scorer(torch.from_numpy(all_keys[:8].astype(np.float32)), torch.from_numpy(vb[:8].astype(np.int64)))
             runners[f"base+knn-{kind}"] = {"hook": hook, "knn_scorer": scorer}
             log.info("bench: N=%d %s built in %.1fs (%.1f MiB)", n, spec, build_s, irow[kind]["bytes"] / 2**20)
@@ -315,9 +286,9 @@ def bench_inference(cfg: Config, lm, hook, memories: dict, tokens, keys, vals) -
 
 def run(cfg: Config) -> dict:
     """Run every measurement, print the table, write ``<run>/bench/bench.json`` and ``bench.png``."""
-    from mlpmem.capture import resolve_hook
-    from mlpmem.lm import load_lm
-    from mlpmem.store import atomic_write_json, atomic_write_text
+    from mlpmem.components.capture import resolve_hook
+    from mlpmem.components.lm import load_lm
+    from mlpmem.files import atomic_write_json, atomic_write_text
 
     t_start = time.perf_counter()
     b = cfg.bench

@@ -27,12 +27,13 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from mlpmem.config import TrainConfig
-from mlpmem.losses import memory_loss
-from mlpmem.memory import MLPMemory, atomic_directory, check_state_dict, write_pretrained
-from mlpmem.store import atomic_write_json, atomic_write_text, fingerprint
+from mlpmem.components.losses import memory_loss
+from mlpmem.components.memory import MLPMemory, check_state_dict, write_pretrained
+from mlpmem.errors import DivergedError, StageError
+from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint, swapped_directory
+from mlpmem.runtime import fault_point, progress
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,20 @@ class BatchPlan:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class CheckpointMismatch(StageError, ValueError):
+    """A resume checkpoint made by other settings."""
+
+
+def _save_best(path: Path, memory: MLPMemory) -> None:
+    with swapped_directory(path) as tmp:
+        write_pretrained(memory, tmp)
+
+
 def _save_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    with atomic_directory(path) as tmp:
+    with swapped_directory(path) as tmp:
         write_pretrained(memory, tmp)
         torch.save({"optimizer": opt.state_dict(), **state}, tmp / STATE_NAME)
+        fault_point("train.checkpoint")  # written, not yet switched in
 
 
 def _load_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, fp: str) -> dict[str, Any]:
@@ -149,11 +160,11 @@ def _load_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, fp: st
 
     missing = [n for n in ("model.safetensors", STATE_NAME) if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"resume checkpoint {path} is incomplete: missing {', '.join(missing)}; "
-                                "delete it to restart training")
+        raise StageError(f"resume checkpoint {path} is incomplete: missing {', '.join(missing)}; "
+                         "delete it to restart training")
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fp:
-        raise ValueError(f"resume checkpoint {path} was written with other training settings, seed or train rows "
+        raise CheckpointMismatch(f"resume checkpoint {path} was written with other training settings, seed or train rows "
                          f"(fingerprint {state.get('fingerprint')} != {fp}): delete {path} "
                          "(`mlpmem train --force` does) or choose another out_dir")
     weights = load_file(str(path / "model.safetensors"))
@@ -305,7 +316,7 @@ def train_memory(
         if v["loss"] < best_val:
             best_val, best_step = v["loss"], at
             if main:  # weights first, then the pointer: best.json never names missing weights
-                memory.save_pretrained(out_dir / "best")
+                _save_best(out_dir / "best", memory)
                 atomic_write_json(out_dir / "best.json", {"step": at, "val_loss": v["loss"], "val_kl": v["kl"],
                                                           "val_ce": v["ce"]})
 
@@ -319,14 +330,28 @@ def train_memory(
             dist.barrier()
 
     memory.train()
-    bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="pos", unit_scale=True,
-               desc="train memory", disable=not main, dynamic_ncols=True)
+    bar = progress(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="pos", unit_scale=True,
+                   desc="train memory", show=main)
     # loss, kl, ce, grad_norm summed since the last log line; kept on the device so steps never wait for a .item()
     acc = torch.zeros(4, dtype=torch.float32, device=device)
     acc_steps, t_log, t0, start_step = 0, time.perf_counter(), time.perf_counter(), step
     if resumed_acc is not None:  # steps since the last log line before the checkpoint: the next line averages them
         acc += torch.tensor(resumed_acc["sums"], dtype=torch.float32, device=device)
         acc_steps = int(resumed_acc["steps"])
+    # first step whose loss or gradient norm was not finite (-1: none), with those values; checked before anything
+    # is written (metrics, best, last), so a diverged run never leaves a checkpoint or a complete manifest
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_vals = torch.zeros(2, dtype=torch.float32, device=device)
+
+    def check_finite() -> None:
+        at = int(bad_step.item())
+        if at >= 0:
+            loss_v, gn = bad_vals.tolist()
+            raise DivergedError(f"training diverged at step {at}: loss {loss_v:g}, gradient norm {gn:g} (lr "
+                                f"{lr_at(at - 1, cfg, total):g}); nothing after the last good checkpoint was kept. "
+                                "Rerun with a lower --train.lr (or more --train.warmup_steps) and --force")
+
+    seen = [0, 0]  # positions this rank trained on, and their sum: shows each rank took its own share
     fork_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):  # reseeding dropout must not leak into the caller's RNG
@@ -349,13 +374,22 @@ def train_memory(
                     dist.all_reduce(stats)
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
                 gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), clip)
+                newly = ~(torch.isfinite(stats[0]) & torch.isfinite(gnorm)) & (bad_step < 0)
+                bad_step = torch.where(newly, step + 1, bad_step)
+                bad_vals = torch.where(newly, torch.stack([stats[0].float(), gnorm.detach().float()]), bad_vals)
                 opt.step()
                 step += 1
+                seen[0] += len(mine)
+                seen[1] += int(mine.sum())
                 last = stats[0]
                 acc += torch.cat([stats, gnorm.detach().float().reshape(1)])
                 acc_steps += 1
                 bar.update(cfg.batch_size)
 
+                boundary = step == total or not (step % cfg.log_every and step % cfg.eval_every and
+                                                 step % cfg.save_every)
+                if boundary:
+                    check_finite()
                 if step % cfg.log_every == 0 or step == total:
                     now = time.perf_counter()
                     rate = acc_steps * cfg.batch_size / max(now - t_log, 1e-9)
@@ -378,7 +412,14 @@ def train_memory(
         last_loss = last.item()
     elapsed = time.perf_counter() - t0
     done = step - start_step
+    shares = torch.tensor([seen], dtype=torch.long, device=device)
+    if ddp:
+        parts = [torch.zeros_like(shares) for _ in range(world_size)]
+        dist.all_gather(parts, shares)
+        shares = torch.cat(parts)
+    shares = shares.cpu()
     return {
+        "rank_shares": [{"positions": int(n), "sum": int(t)} for n, t in shares.tolist()],
         "steps": step,
         "best_step": best_step,
         "best_val_loss": best_val,

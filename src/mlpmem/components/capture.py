@@ -225,6 +225,11 @@ def capture(model: nn.Module, hp: HookPoint) -> Iterator[Captured]:
         handle.remove()
 
 
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder without its LM head (``model.base_model``), or the model itself when it has none."""
+    return getattr(model, "base_model", model)
+
+
 def forward_hidden(model: nn.Module, hp: HookPoint, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Hidden states at `hp` for input_ids (B, T) -> (B, T, d), in the model's dtype.
@@ -233,7 +238,7 @@ def forward_hidden(model: nn.Module, hp: HookPoint, input_ids: torch.Tensor,
     layers after the hook point are skipped too. Grad mode is the caller's: wrap in torch.inference_mode() to extract.
     """
     target = model.get_submodule(hp.module)
-    base = getattr(model, "base_model", model)
+    base = decoder_body(model)
     if not any(m is target for m in base.modules()):
         base = model  # a hook outside the base model (e.g. 'lm_head:input') needs the full forward
     cap = Captured(hp)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
+from mlpmem.artifacts import load_memory, tuned_memory_lambda
+from mlpmem.components.capture import resolve_hook
+from mlpmem.components.joint import attach_memory
+from mlpmem.components.lm import LoadedLM, load_lm
 from mlpmem.config import Config
-from mlpmem.joint import attach_memory
-from mlpmem.lm import LoadedLM, load_lm
-from mlpmem.store import StageError
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +19,11 @@ def tuned_lambda(cfg: Config) -> float:
     """--generate.lam, else the memory lambda tuned by `mlpmem eval`, else 0.25 (the paper's WikiText value)."""
     if cfg.generate.lam is not None:
         return cfg.generate.lam
-    p = cfg.run_dir / cfg.eval.out_name / "results.json"
-    if p.is_file():
-        lam = json.loads(p.read_text()).get("settings", {}).get("memory", {}).get("lam")
-        if lam is not None:
-            return float(lam)
-    return 0.25
+    lam = tuned_memory_lambda(cfg.run_dir, cfg.eval.out_name)  # checked: a finished eval of this very memory
+    if lam is None:
+        log.warning("generate: no finished evaluation tuned lambda; using 0.25 (set --generate.lam)")
+        return 0.25
+    return lam
 
 
 def generate_texts(lm: LoadedLM, prompts: list[str], cfg: Config) -> list[str]:
@@ -44,12 +43,9 @@ def generate_texts(lm: LoadedLM, prompts: list[str], cfg: Config) -> list[str]:
 
 
 def run(cfg: Config) -> dict:
-    from mlpmem.train import load_trained_memory
-
     lm = load_lm(cfg.model)
-    memory, _ = load_trained_memory(cfg, lm)
-    if memory is None:
-        raise StageError(f"no trained memory in {cfg.run_dir / 'memory'}: run `mlpmem train` first")
+    memory, _ = load_memory(cfg.run_dir, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer),
+                            required=True)
     lam = tuned_lambda(cfg)
     torch.manual_seed(cfg.seed)
     base = generate_texts(lm, cfg.generate.prompts, cfg) if cfg.generate.side_by_side else None

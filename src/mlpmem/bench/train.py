@@ -27,7 +27,7 @@ LOSSES = ("sparse", "sparse-autograd", "dense", "dense-loop")
 def dense_loop_memory_loss(logits, tgt_ids, tgt_probs, labels, alpha):
     """Dense targets rebuilt row by row in a Python loop, as earlier implementations did (one vocabulary-size
     vector per position, stacked into (N, V) float32), then the same KL + CE as ``losses.dense_memory_loss``."""
-    from mlpmem.losses import dense_target_loss
+    from mlpmem.components.losses import dense_target_loss
 
     n, v = logits.shape
     rows = []
@@ -40,7 +40,7 @@ def dense_loop_memory_loss(logits, tgt_ids, tgt_probs, labels, alpha):
 
 
 def loss_fns() -> dict:
-    from mlpmem.losses import dense_memory_loss, memory_loss, memory_loss_autograd
+    from mlpmem.components.losses import dense_memory_loss, memory_loss, memory_loss_autograd
 
     return {"sparse": memory_loss, "sparse-autograd": memory_loss_autograd, "dense": dense_memory_loss,
             "dense-loop": dense_loop_memory_loss}
@@ -69,7 +69,7 @@ def _random_logits(n: int, V: int, gen: torch.Generator, dev, dtype) -> torch.Te
 def _train_setup(spec: dict):
     """(step(loss_fn), device): a memory in training mode, AdamW (fused where supported, as the trainer) with its
     state and the gradients already allocated, and one fixed batch of random inputs and sparse targets."""
-    from mlpmem.memory import MLPMemory, MLPMemoryConfig
+    from mlpmem.components.memory import MLPMemory, MLPMemoryConfig
 
     dev = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
@@ -143,7 +143,7 @@ def train_probe(spec: dict) -> dict:
 _PROBE_SERVER = r"""
 import json, os, sys, traceback
 import torch
-from mlpmem.bench_train import train_probe
+from mlpmem.bench.train import train_probe
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports only; no parallel region runs before fork
 for spec in json.loads(sys.argv[1]):
     r, w = os.pipe()

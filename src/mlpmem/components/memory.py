@@ -13,19 +13,18 @@ inference code never needs the training code (and nothing is unpickled).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from mlpmem.files import atomic_write_bytes, atomic_write_json
 
 FAMILIES = ("gpt2", "llama")
 CONFIG_NAME = "config.json"
@@ -228,9 +227,11 @@ class MLPMemory(nn.Module):
     # ------------------------------------------------------------------------- persistence
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` + ``config.json`` into ``directory``, atomically (temp sibling, then rename)."""
-        with atomic_directory(directory) as tmp:
-            write_pretrained(self, tmp)
+        """Write ``model.safetensors`` + ``config.json`` into ``directory`` (each file atomically; a training run's
+        checkpoints swap whole directories, see :func:`mlpmem.files.swapped_directory`)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        write_pretrained(self, d)
 
     @classmethod
     def from_pretrained(
@@ -264,12 +265,12 @@ class MLPMemory(nn.Module):
 
 
 def write_pretrained(memory: MLPMemory, directory: Path) -> None:
-    """Write the two checkpoint files into an existing directory (non-atomic; see save_pretrained)."""
+    """Write the two checkpoint files into an existing directory (each atomically, weights first)."""
     # clone+contiguous: safetensors refuses shared or non-contiguous storage
     state = {k: v.detach().contiguous().cpu() for k, v in memory.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     cfg = {"architecture": "MLPMemory", "format_version": FORMAT_VERSION, **memory.config.to_dict()}
-    (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_json(directory / CONFIG_NAME, cfg)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -287,32 +288,6 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
             problems.append(f"{k} has shape {tuple(state[k].shape)}, config implies {expected[k]}")
     if problems:
         raise ValueError(f"checkpoint {where} does not match its config.json: " + "; ".join(problems))
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target`` (an old one is removed).
-
-    A crash while writing leaves the old target untouched (plus a stray ``.name.tmp-*`` sibling). ``os.replace``
-    cannot overwrite a non-empty directory, so the old one is first renamed aside, which leaves a window of two
-    renames where ``target`` is absent; readers then see "missing", never a half-written folder.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            old.rmdir()
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _lm_final_norm(lm_model: nn.Module) -> nn.Module:

@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from mlpmem.index import ConcatRows, as_float32_tensor, as_rows, search, to_float32
-from mlpmem.store import Progress
+from mlpmem.components.index import ConcatRows, as_float32_tensor, as_rows, search, to_float32
+from mlpmem.errors import ConfigError
+from mlpmem.files import Progress
+from mlpmem.runtime import fault_point, progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def leave_one_out_mask(I: np.ndarray, query_ids: np.ndarray | None) -> np.ndarra
 def _log_weights(D, temperature: float, valid: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(-D / T) over the valid neighbours of each row; -inf for invalid ones and for empty rows."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}: fix --knn.temperature")
+        raise ConfigError(f"--knn.temperature: must be > 0, got {temperature}")
     valid_t = torch.from_numpy(np.asarray(valid, dtype=bool))
     logits = torch.tensor(np.asarray(D), dtype=dtype).neg() / temperature  # a copy: D may be read-only
     logits = logits.masked_fill(~valid_t, float("-inf"))
@@ -210,7 +210,7 @@ def _write_rows(out: np.ndarray, where: np.ndarray, block: np.ndarray) -> None:
 
 def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, out_probs: np.ndarray, k: int,
                     temperature: float, distances: str, query_batch: int, progress: Progress,
-                    rows: np.ndarray | None = None, show_progress: bool = True) -> dict:
+                    rows: np.ndarray | None = None, show_progress: bool = True, queries=None) -> dict:
     """Fill the sparse kNN targets of the datastore rows ``rows`` (default all N, in order), resumably.
 
     index: FAISS index over the same keys (ids = row ids). key_shards: (N, d) float16 keys (array or consecutive
@@ -224,44 +224,49 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
     run resumes at the last finished block and ends byte-identical to an uninterrupted one, provided
     ``progress``'s fingerprint covers everything that changes results (k, T, distances, query_batch, index, K).
 
+    ``queries``: (M, d) keys that are not datastore rows (validation positions); then ``rows`` index them, k
+    neighbours are searched and nothing is left out.
+
     Returns stats over the rows processed in this call: rows, seconds, queries_per_s, mean_distinct_ids,
     mean_dropped_mass, self_found_fraction (queries whose own id was among the k + 1 hits; < 1 flags PQ error).
     """
     if distances not in ("index", "exact"):
-        raise ValueError(f"--knn.distances: must be 'index' or 'exact', got {distances!r}")
+        raise ConfigError(f"--knn.distances: must be 'index' or 'exact', got {distances!r}")
     if query_batch < 1:
-        raise ValueError(f"--knn.query_batch: must be >= 1, got {query_batch}")
+        raise ConfigError(f"--knn.query_batch: must be >= 1, got {query_batch}")
     keys = as_rows(key_shards)
     N = len(keys)
-    rows = np.arange(N, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    own = queries is None  # queries are datastore rows: leave each one's own id out
+    qsrc = keys if own else as_rows(queries)
+    rows = np.arange(len(qsrc), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     R, K = out_ids.shape
     if out_probs.shape != (R, K) or out_ids.dtype != np.int32 or out_probs.dtype != np.float16:
         raise ValueError(f"out_ids must be int32 (R, K) and out_probs float16 (R, K); got {out_ids.dtype} "
                          f"{out_ids.shape} and {out_probs.dtype} {out_probs.shape}")
     if R not in (N, len(rows)):
         raise ValueError(f"output arrays have {R} rows; expected N={N} or len(rows)={len(rows)}")
-    by_row_id = R == N
+    by_row_id = own and R == N
     if len(as_rows(vals)) != N or index.ntotal != N:
         raise ValueError(f"datastore mismatch: {N} keys, {len(as_rows(vals))} values, index of {index.ntotal}: "
                          "rerun `mlpmem index` on these keys")
     if k > index.ntotal:
-        raise ValueError(f"k={k} larger than the datastore ({index.ntotal} keys): lower --knn.k")
-    k_search = min(k + 1, index.ntotal)
+        raise ConfigError(f"k={k} larger than the datastore ({index.ntotal} keys): lower --knn.k")
+    k_search = min(k + 1, index.ntotal) if own else k
 
     start = progress.done
     if not 0 <= start <= len(rows):
         raise ValueError(f"progress says {start} rows done of {len(rows)}: delete {progress.path} and rerun")
     n_done, distinct, dropped_sum, self_found = 0, 0, 0.0, 0
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), initial=start, unit="q", unit_scale=True, desc="knn targets",
-              disable=not show_progress) as bar:
+    with progress_bar(total=len(rows), initial=start, unit="q", unit_scale=True, desc="knn targets",
+                      show=show_progress) as bar:
         # Blocks are fixed by query_batch from row 0, so a resumed run sees exactly the same blocks.
         for b0 in range(start, len(rows), query_batch):
             qids = rows[b0:b0 + query_batch]
-            xq = to_float32(keys[qids[0]:qids[-1] + 1] if _is_range(qids) else keys[qids])
+            xq = to_float32(qsrc[qids[0]:qids[-1] + 1] if _is_range(qids) else qsrc[qids])
             D, I = search(index, xq, k_search)
-            self_found += int((I == qids[:, None]).any(1).sum())
-            keep = leave_one_out_mask(I, qids)
+            self_found += int((I == qids[:, None]).any(1).sum()) if own else 0
+            keep = leave_one_out_mask(I, qids if own else None)
             # At most k neighbours: when the own id was not retrieved, the (k+1)-th is surplus.
             keep &= np.cumsum(keep, axis=1) <= k
             I = np.where(keep, I, -1)
@@ -275,6 +280,7 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
                 if hasattr(arr, "flush"):
                     arr.flush()
             progress.update(b0 + len(qids))  # only after the block is on disk
+            fault_point("knn-targets.block")
             n_done += len(qids)
             distinct += int((ids >= 0).sum())
             dropped_sum += float(dropped.astype(np.float64).sum())
@@ -286,7 +292,7 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
         "queries_per_s": n_done / dt if dt > 0 else float("nan"),
         "mean_distinct_ids": distinct / n_done if n_done else float("nan"),
         "mean_dropped_mass": dropped_sum / n_done if n_done else float("nan"),
-        "self_found_fraction": self_found / n_done if n_done else float("nan"),
+        "self_found_fraction": self_found / n_done if n_done and own else float("nan"),
     }
     log.info("knn targets: %d queries in %.1fs (%.0f q/s), %.1f distinct ids/row, dropped mass %.2e, own id "
              "found for %.4f", n_done, dt, stats["queries_per_s"], stats["mean_distinct_ids"],
@@ -296,3 +302,21 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
 
 def _is_range(ids: np.ndarray) -> bool:
     return len(ids) > 0 and ids[-1] - ids[0] + 1 == len(ids) and bool(np.all(np.diff(ids) == 1))
+
+
+# ----------------------------------------------------------------------------- kNN-LM scoring
+
+def knn_scorer(index: faiss.Index, keys: KeysLike, vals, k: int, temperatures: Sequence[float], exact: bool
+               ) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+    """The kNN-LM term of evaluation: ``scorer(hidden (M, d), gold (M,)) -> log p_kNN(gold)`` float64
+    (len(temperatures), M), from one search per batch (optionally re-ranked by exact distances from ``keys``)."""
+    temps = [float(t) for t in temperatures]
+
+    def scorer(hidden: torch.Tensor, gold: torch.Tensor) -> np.ndarray:
+        xq = hidden.float().cpu().numpy()
+        D, I = search(index, xq, k)
+        if exact:
+            D = recompute_distances(keys, xq, I)
+        return knn_gold_logprobs(D, I, vals, gold.cpu().numpy(), temps)
+
+    return scorer

@@ -15,14 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.config import Config, save_config
-from mlpmem.data import data_dir, load_split
-from mlpmem.evaluate import Scored, score_tokens, settle
-from mlpmem.lm import load_lm
-from mlpmem.report import plot_lambda, plot_training, results_table
-from mlpmem.runtime import barrier, dist_info
-from mlpmem.store import StageError, atomic_file, atomic_write_json, atomic_write_text, fingerprint, read_manifest, \
-    should_skip, write_manifest
+from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, invalidate, is_complete, load_memory, \
+    load_split, open_index, should_skip, verify_chain, write_manifest
+from mlpmem.components.capture import resolve_hook
+from mlpmem.components.knn import knn_scorer
+from mlpmem.components.lm import load_lm
+from mlpmem.components.report import plot_lambda, plot_training, results_table
+from mlpmem.components.scoring import Scored, score_tokens, settle
+from mlpmem.config import Config
+from mlpmem.errors import StageError
+from mlpmem.files import atomic_file, atomic_write_json, atomic_write_text, fingerprint
+from mlpmem.runtime import barrier, dist_info, fault_point
+from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
 
@@ -31,39 +35,39 @@ def run(cfg: Config) -> dict:
     out = cfg.run_dir / cfg.eval.out_name
     lm = load_lm(cfg.model)
     systems = set(cfg.eval.systems)
-    data_m = read_manifest(data_dir(cfg)) or {}
-    memory, mem_meta, knn_scorer, knn_meta, hook = None, {}, None, {}, None
+    data_m = verify_chain(cfg.run_dir, DATA, "prepare")
+    upstream = {DATA: data_m["fingerprint"]}
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {"base"} else None
+    memory, mem_meta, scorer, knn_meta = None, {}, None, {}
     if systems & {"memory", "memory+knn"}:
-        from mlpmem.train import load_trained_memory
-
-        memory, mem_meta = load_trained_memory(cfg, lm)
+        memory, mem_meta = load_memory(cfg.run_dir, lm, hook)
+        if memory is not None:
+            upstream[MEMORY] = mem_meta["fingerprint"]
     if systems & {"knn", "memory+knn"}:
-        from mlpmem.retrieval import load_knn_scorer
-
-        knn_scorer, knn_meta = load_knn_scorer(cfg, lm)
-    if memory is not None or knn_scorer is not None:
-        from mlpmem.capture import resolve_hook
-
-        hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
-    fp = fingerprint("eval", lm.identity["fingerprint"], data_m.get("fingerprint"), cfg.to_dict()["eval"],
-                     cfg.to_dict()["window"], cfg.model.dtype, mem_meta.get("fingerprint"),
-                     knn_meta.get("fingerprint"), cfg.memory.temperature)
+        scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
+        upstream.update(knn_meta.get("upstream", {}))
+    fp = fingerprint("eval", upstream, lm.identity["fingerprint"], cfg.to_dict()["eval"], cfg.to_dict()["window"],
+                     cfg.model.dtype, knn_meta.get("settings"), cfg.memory.temperature)
     dist = dist_info()
-    done = should_skip(out, "eval", fp, cfg.force, "mlpmem eval")
+    done = should_skip(out, "eval", fp, cfg.force, upstream)
     if done:
         if dist.is_main:
             print(done["table"])
         return done
+    barrier()  # every rank has seen the old manifest before rank 0 removes it
+    if dist.is_main:
+        invalidate(out)  # from here until the new manifest, results.json is not vouched for
     scored = {}
     for split in cfg.eval.splits:
         mine = _scores_path(out, split, dist.rank, dist.world_size)
         sc = None if cfg.force else _load_scores(mine, fp)
         if sc is None:
-            tokens, _ = load_split(cfg, split, lm.identity["tokenizer_hash"])
+            tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
             t0 = time.time()
             sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
-                              hook=hook, memory=memory, mem_temperature=cfg.memory.temperature,
-                              knn_scorer=knn_scorer, desc=f"eval {split}", shard=(dist.rank, dist.world_size))
+                              hook=hook if (memory is not None or scorer is not None) else None, memory=memory,
+                              mem_temperature=cfg.memory.temperature, knn_scorer=scorer, desc=f"eval {split}",
+                              shard=(dist.rank, dist.world_size))
             log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
             _save_scores(mine, sc, fp)
         else:
@@ -76,21 +80,45 @@ def run(cfg: Config) -> dict:
         scored = {split: Scored.join([_load_scores(_scores_path(out, split, r, dist.world_size), fp, strict=True)
                                       for r in range(dist.world_size)]) for split in cfg.eval.splits}
     results = settle(scored, cfg)
+    results["fingerprint"] = fp  # ties results.json to the manifest written after it
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
     results["model"] = lm.identity
-    results["data"] = {"source": cfg.data.source, "fingerprint": data_m.get("fingerprint")}
+    results["data"] = {"source": cfg.data.source, "fingerprint": data_m["fingerprint"]}
     results["window"] = cfg.to_dict()["window"]
     results["dtype"] = cfg.model.dtype
     table = results_table(results)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", _markdown(results, table))
     plot_lambda(results, out / "ppl_vs_lambda.png")
     if memory is not None:
-        plot_training(cfg.run_dir / "memory" / "metrics.jsonl", out / "training.png")
-    save_config(cfg, out / "config.yaml")
+        plot_training(cfg.run_dir / MEMORY / "metrics.jsonl", out / "training.png")
+    save_stage_config(cfg, "eval", out)
+    fault_point("eval.results")
     print(table)
-    return write_manifest(out, "eval", fp, table=table, results="results.json")
+    return write_manifest(out, "eval", fp, upstream, table=table, results="results.json")
+
+
+def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
+    """kNN-LM's scorer over this run's datastore and index (see components.knn.knn_scorer); None if there is none.
+
+    A datastore or index that does not exist yet only skips kNN-LM (with a warning); one built for another model,
+    hook point or corpus, or an index over another datastore, is an error: its keys would not be comparable.
+    """
+    for key, stage in ((DATASTORE, "extract"), (INDEX, "index")):
+        if not is_complete(cfg.run_dir / key):
+            log.warning("kNN-LM skipped: no complete %s output in %s (run `mlpmem %s`)", stage,
+                        cfg.run_dir / key, stage)
+            return None, {}
+    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
+    index, im = open_index(cfg.run_dir, cfg.index.nprobe)
+    k = cfg.eval.knn_k or cfg.knn.k
+    if k > ds.n:
+        raise StageError(f"--knn.k {k} is larger than the datastore ({ds.n} keys): lower --knn.k or --eval.knn_k")
+    scorer = knn_scorer(index, ds.keys, ds.vals, k, cfg.eval.knn_temperatures, cfg.knn.distances == "exact")
+    meta = {"upstream": {DATASTORE: ds.fingerprint, INDEX: im["fingerprint"]},
+            "settings": [k, cfg.knn.distances, cfg.index.nprobe], "bytes": ds.manifest["bytes"] + im["bytes"],
+            "factory": im["factory"], "k": k}
+    return scorer, meta
 
 
 def _scores_path(out: Path, split: str, rank: int, world: int) -> Path:

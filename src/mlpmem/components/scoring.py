@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from mlpmem.config import Config
-from mlpmem.data import batch_windows, plan_windows, shard_windows
-from mlpmem.interpolate import mix3
-from mlpmem.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
-from mlpmem.lm import LoadedLM
+from mlpmem.components.data import batch_windows, plan_windows, shard_windows
+from mlpmem.components.interpolate import mix3
+from mlpmem.components.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
+from mlpmem.components.lm import LoadedLM
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
     ``shard`` = (i, n) scores only the i-th of n contiguous groups of windows (data.shard_windows), so n
     processes can share a split; concatenating the n results in order gives the unsharded result.
     """
-    from mlpmem.capture import capture
+    from mlpmem.components.capture import capture
     from mlpmem.runtime import progress
 
     model, dev = lm.model, lm.device

@@ -22,19 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.config import Config, DataConfig
-from mlpmem.store import StageError, atomic_save_npy, fingerprint, invalidate, load_npy, require_manifest, \
-    should_skip, write_manifest
+from mlpmem.config import DataConfig
+from mlpmem.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # the same as mlpmem.artifacts.SPLITS
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
                   "val": "validation", "test": "test"}
-
-
-class CorpusError(ValueError):
-    """The corpus given by --data.source cannot be read or is empty."""
 
 
 # ----------------------------------------------------------------------------- window plan
@@ -287,57 +282,3 @@ def corpus_fingerprint(splits: dict[str, list[str]]) -> str:
         for d in splits[s]:
             h.update(hashlib.sha256(d.encode()).digest())
     return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- stage
-
-def data_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "data"
-
-
-def run(cfg: Config) -> dict:
-    """Stage `prepare`: read, split and tokenize the corpus; write one directory per split plus a manifest."""
-    from mlpmem.lm import load_tokenizer, tokenizer_hash
-
-    out = data_dir(cfg)
-    tok = load_tokenizer(cfg.model)
-    t_hash = tokenizer_hash(tok)
-    t0 = time.time()
-    splits = assign_splits(read_corpus(cfg.data), cfg.data)
-    c_fp = corpus_fingerprint(splits)
-    fp = fingerprint("prepare", cfg.to_dict()["data"], t_hash, c_fp)
-    done = should_skip(out, "prepare", fp, cfg.force, "mlpmem prepare")
-    if done:
-        return done
-    invalidate(out)
-    sep = separator_ids(tok, cfg.data.separator)
-    counts = {}
-    for s in SPLITS:
-        limit = cfg.data.max_train_tokens if s == "train" else cfg.data.max_eval_tokens
-        tokens, offsets = tokenize_split(tok, splits[s], sep, limit)
-        if tokens.size < 2:
-            raise CorpusError(f"--data.source {cfg.data.source}: split {s!r} has fewer than 2 tokens")
-        atomic_save_npy(out / s / "tokens.npy", tokens)
-        atomic_save_npy(out / s / "offsets.npy", offsets)
-        counts[s] = {"tokens": int(tokens.size), "documents": int(len(offsets) - 1)}
-        log.info("prepare: %s: %d documents, %d tokens", s, len(offsets) - 1, tokens.size)
-    from mlpmem.config import save_config
-
-    save_config(cfg, out / "config.yaml", ["model", "data"])
-    return write_manifest(out, "prepare", fp, tokenizer_hash=t_hash, tokenizer_name=cfg.model.name,
-                          corpus_fingerprint=c_fp, separator=sep, counts=counts, source=cfg.data.source,
-                          seconds=round(time.time() - t0, 2))
-
-
-def load_split(cfg: Config, split: str, tokenizer_hash_expected: str | None = None) -> tuple[np.ndarray, dict]:
-    """(tokens int32, data manifest) of a prepared split; checks the tokenizer matches the model's."""
-    m = require_manifest(data_dir(cfg), "prepare", "mlpmem prepare")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}")
-    if tokenizer_hash_expected is not None and m["tokenizer_hash"] != tokenizer_hash_expected:
-        raise StageError(f"the corpus in {data_dir(cfg)} was prepared with another tokenizer "
-                         f"({m['tokenizer_name']}, hash {m['tokenizer_hash']}) than the model "
-                         f"{cfg.model.name} (hash {tokenizer_hash_expected}): rerun `mlpmem prepare --force` "
-                         "with the same --model.name")
-    tokens = load_npy(data_dir(cfg) / split / "tokens.npy", np.int32, m["counts"][split]["tokens"])
-    return tokens, m

@@ -1,0 +1,153 @@
+"""Stage manifests and the upstream chain.
+
+Each stage directory ends with ``manifest.json``, written last and atomically; ``complete: true`` means the outputs
+are whole. A manifest records ``upstream``: the fingerprint of every artifact the stage read, by its directory
+(relative to the run directory, absolute for another run's, e.g. a teacher datastore). A stage's own fingerprint
+covers those, so an upstream rerun changes it. Consumers call :func:`verify_chain` before use: it walks the
+upstream links down to ``prepare`` and refuses, naming the stage to rerun, as soon as a recorded fingerprint is
+not the one on disk now (the upstream was rebuilt since) or an upstream is missing or incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlpmem.errors import StageError
+from mlpmem.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: manifests record their upstream fingerprints
+MANIFEST = "manifest.json"
+
+# stage -> the command that makes it (for messages)
+COMMANDS = {"prepare": "mlpmem prepare", "extract": "mlpmem extract", "index": "mlpmem index",
+            "knn-targets": "mlpmem knn-targets", "train": "mlpmem train", "eval": "mlpmem eval"}
+
+_rebuild_stale: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_stale", default=False)
+
+
+@contextlib.contextmanager
+def rebuilding_stale() -> Iterator[None]:
+    """Within this block a stage whose inputs changed is rebuilt instead of refused (what `pipeline` does)."""
+    token = _rebuild_stale.set(True)
+    try:
+        yield
+    finally:
+        _rebuild_stale.reset(token)
+
+
+def package_version() -> str:
+    from mlpmem import __version__
+
+    return __version__
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    """The manifest of a stage directory, or None when there is none."""
+    p = Path(stage_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{p} is corrupt ({e}); delete {p.parent} and rerun its stage") from None
+
+
+def write_manifest(stage_dir: str | Path, stage: str, fp: str, upstream: dict[str, str], **fields: Any) -> dict:
+    """Write the stage's manifest last and atomically; returns it."""
+    m = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "package_version": package_version(),
+        "fingerprint": fp,
+        "upstream": dict(upstream),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fields,
+        "complete": True,
+    }
+    atomic_write_json(Path(stage_dir) / MANIFEST, m)
+    return m
+
+
+def invalidate(stage_dir: str | Path) -> None:
+    """Mark a stage as incomplete before rewriting it, so a crash never leaves an old manifest over new files."""
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+
+
+def require_manifest(stage_dir: str | Path, stage: str, command: str | None = None) -> dict:
+    """The complete manifest of a stage directory, or a StageError naming the command that makes it."""
+    command = command or COMMANDS.get(stage, f"mlpmem {stage}")
+    m = read_manifest(stage_dir)
+    if m is None or not m.get("complete"):
+        raise StageError(f"no complete {stage} output in {stage_dir}: run `{command}` first")
+    if m.get("stage") != stage:
+        raise StageError(f"{stage_dir} holds a {m.get('stage')!r} manifest, expected {stage!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise StageError(f"{stage_dir} was written by another version of mlpmem (format {m.get('format_version')}, "
+                         f"this one reads {FORMAT_VERSION}): rerun `{command} --force`")
+    return m
+
+
+def _resolve(run_dir: Path, key: str) -> Path:
+    p = Path(key)
+    return p if p.is_absolute() else run_dir / p
+
+
+def verify_chain(run_dir: str | Path, key: str, stage: str, _seen: dict | None = None) -> dict:
+    """The complete manifest of artifact ``key`` (a directory relative to ``run_dir``), after checking that every
+    upstream it records still holds the output it was made from, all the way down. StageError otherwise."""
+    run_dir = Path(run_dir)
+    seen = {} if _seen is None else _seen
+    where = _resolve(run_dir, key)
+    if str(where) in seen:
+        return seen[str(where)]
+    m = require_manifest(where, stage)
+    for up_key, up_fp in m.get("upstream", {}).items():
+        up_dir = _resolve(run_dir, up_key)
+        up = read_manifest(up_dir)
+        up_stage = (up or {}).get("stage", "the upstream stage")
+        if up is None or not up.get("complete"):
+            raise StageError(f"{where} ({stage}) was made from {up_dir}, which now holds no complete output: rerun "
+                             f"`{COMMANDS.get(up_stage, 'its stage')}` and then `{COMMANDS[stage]} --force`, or "
+                             "`mlpmem pipeline`")
+        if up.get("fingerprint") != up_fp:
+            raise StageError(f"{where} ({stage}) is stale: it was made from an older {up_stage} output in {up_dir} "
+                             f"(rerun since). Rerun `{COMMANDS[stage]} --force` and the stages after it, or "
+                             "`mlpmem pipeline`, which rebuilds stale stages")
+        if not Path(up_key).is_absolute():  # another run's artifact (a teacher): its own chain is that run's
+            verify_chain(run_dir, up_key, up_stage, seen)
+    seen[str(where)] = m
+    return m
+
+
+def should_skip(stage_dir: str | Path, stage: str, fp: str, force: bool, upstream: dict[str, str] | None = None
+                ) -> dict | None:
+    """Return the existing manifest when the stage is already done with the same fingerprint, else None (do it).
+
+    A complete manifest with another fingerprint means the outputs were made with other settings or inputs: refuse
+    rather than silently mixing them, unless ``force`` (or, inside :func:`rebuilding_stale`, when only the inputs
+    changed).
+    """
+    command = COMMANDS.get(stage, f"mlpmem {stage}")
+    m = read_manifest(stage_dir)
+    if m is None or not m.get("complete") or force:
+        return None
+    if m.get("fingerprint") == fp and m.get("format_version") == FORMAT_VERSION:
+        log.info("%s: up to date in %s, skipping", stage, stage_dir)
+        return m
+    inputs_changed = upstream is not None and m.get("upstream") != upstream
+    if inputs_changed and _rebuild_stale.get():
+        log.info("%s: its inputs changed since %s was made; rebuilding it", stage, stage_dir)
+        return None
+    why = ("was made from older inputs (an upstream stage was rerun since)" if inputs_changed else
+           "was made with other settings")
+    raise StageError(f"{stage_dir} already holds {stage} output that {why}. Rerun `{command} --force` to rebuild "
+                     "it (and the stages after it), `mlpmem pipeline` to rebuild what is stale, or choose another "
+                     "--out_dir")

@@ -1,0 +1,220 @@
+"""The run directory: where every artifact lives, and a typed reader for each that checks it before use.
+
+Every reader verifies the artifact's whole upstream chain (:func:`verify_chain`), so a datastore built from a
+corpus that ``prepare`` has since replaced, targets over a re-extracted datastore, or a memory trained on either,
+is refused with a message naming what to rerun, never silently mixed.
+
+Layout under ``--out_dir``::
+
+    data/<split>/tokens.npy, offsets.npy      prepare
+    datastore/keys-*, vals-*, validation/      extract (train datastore; validation keys for the memory)
+    index/index.faiss                          index
+    targets/ids-*, probs-*, validation/        knn-targets
+    memory/best, last (checkpoint symlinks)    train
+    <eval.out_name>/results.json, scores/      eval
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlpmem.artifacts.manifest import read_manifest, verify_chain
+from mlpmem.errors import StageError
+from mlpmem.files import fingerprint, load_npy, read_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+DATA, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, MEMORY = (
+    "data", "datastore", "datastore/validation", "index", "targets", "memory")
+
+
+def is_complete(path: Path) -> bool:
+    m = read_manifest(path)
+    return bool(m and m.get("complete"))
+
+
+# ----------------------------------------------------------------------------- prepared splits
+
+def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> tuple[np.ndarray, dict]:
+    """(tokens int32, data manifest) of a prepared split; checks the tokenizer matches the model's."""
+    run_dir = Path(run_dir)
+    m = verify_chain(run_dir, DATA, "prepare")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    if tokenizer_hash is not None and m["tokenizer_hash"] != tokenizer_hash:
+        raise StageError(f"the corpus in {run_dir / DATA} was prepared with another tokenizer "
+                         f"({m['tokenizer_name']}, hash {m['tokenizer_hash']}) than the model's "
+                         f"(hash {tokenizer_hash}): rerun `mlpmem prepare --force` with the same --model.name")
+    tokens = load_npy(run_dir / DATA / split / "tokens.npy", np.int32, m["counts"][split]["tokens"])
+    return tokens, m
+
+
+# ----------------------------------------------------------------------------- datastore
+
+class Datastore:
+    """Read access to a finished datastore: shard memmaps of keys (float16) and vals (int32), by global row."""
+
+    def __init__(self, run_dir: Path, expect_model: dict | None = None, expect_hook: str | None = None,
+                 split: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.key = DATASTORE if split == "train" else f"{DATASTORE}/{split}"
+        self.dir = self.run_dir / self.key
+        self.manifest = m = verify_chain(self.run_dir, self.key, "extract")
+        if expect_model is not None and m["model"]["fingerprint"] != expect_model["fingerprint"]:
+            raise StageError(f"the datastore in {self.dir} was built with model {m['model']['name']} "
+                             f"(weights or config differ from {expect_model['name']} now): rerun "
+                             "`mlpmem extract --force` (and the stages after it) or fix --model.name")
+        if expect_hook is not None and m["hook"] != expect_hook:
+            raise StageError(f"the datastore in {self.dir} holds keys from hook {m['hook']}, but the config names "
+                             f"{expect_hook}: rerun `mlpmem extract --force` or set --extract.hook {m['hook']}")
+        self.n, self.dim = m["n_positions"], m["dim"]
+        try:
+            self.keys = [load_npy(self.dir / s["keys"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
+            self.vals_shards = [load_npy(self.dir / s["vals"], np.int32, s["stop"] - s["start"])
+                                for s in m["shards"]]
+        except StageError as e:
+            raise StageError(f"damaged datastore: {e} (that stage is `mlpmem extract --force`)") from None
+        for k in self.keys:
+            if k.ndim != 2 or k.shape[1] != self.dim:
+                raise StageError(f"a key shard in {self.dir} has shape {k.shape}, expected (rows, {self.dim}): "
+                                 "rerun `mlpmem extract --force`")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def has_validation(self) -> bool:
+        return is_complete(self.run_dir / DATASTORE_VAL)
+
+    def validation(self) -> "Datastore":
+        return Datastore(self.run_dir, split="validation")
+
+    @property
+    def vals(self) -> np.ndarray:
+        """All values as one int32 array in memory (4 bytes per row)."""
+        if not hasattr(self, "_vals"):
+            self._vals = np.concatenate([np.asarray(v) for v in self.vals_shards])
+        return self._vals
+
+    def key_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Keys of arbitrary global rows, (len(rows), d) float16, in the order given."""
+        from mlpmem.components.index import ConcatRows
+
+        return ConcatRows(self.keys)[np.asarray(rows, dtype=np.int64)]
+
+
+# ----------------------------------------------------------------------------- index
+
+def open_index(run_dir: Path, nprobe: int):
+    """(FAISS index, its manifest), checked to be built on the datastore now on disk."""
+    from mlpmem.components.index import load_index
+
+    m = verify_chain(run_dir, INDEX, "index")
+    return load_index(Path(run_dir) / INDEX / "index.faiss", nprobe), m
+
+
+# ----------------------------------------------------------------------------- targets
+
+class TargetStore:
+    """Read access to finished targets: (train) shard arrays and the validation arrays."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / TARGETS
+        self.manifest = m = verify_chain(run_dir, TARGETS, "knn-targets")
+        K = m["K"]
+        self.ids = [load_npy(self.dir / s["ids"], np.int32, s["stop"] - s["start"]) for s in m["shards"]]
+        self.probs = [load_npy(self.dir / s["probs"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
+        for a in self.ids + self.probs:
+            if a.ndim != 2 or a.shape[1] != K:
+                raise StageError(f"a target shard in {self.dir} has shape {a.shape}, expected (rows, {K}): "
+                                 "rerun `mlpmem knn-targets --force`")
+        self.n_validation = m["validation"]
+        if self.n_validation:
+            self.val_ids = load_npy(self.dir / "validation" / "ids.npy", np.int32, self.n_validation)
+            self.val_probs = load_npy(self.dir / "validation" / "probs.npy", np.float16, self.n_validation)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def check_memory_matches(memory, identity: dict, hook) -> None:
+    """StageError unless the memory was trained for this base model (tokenizer and weights) and hook point."""
+    meta = memory.config.meta
+    if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != identity["tokenizer_hash"]:
+        raise StageError(f"this memory was trained for {meta.get('base_model')}, whose tokenizer differs from "
+                         f"{identity['name']}'s: use the base model it was trained with (--model.name)")
+    if meta.get("base_fingerprint") and meta["base_fingerprint"] != identity["fingerprint"]:
+        raise StageError(f"this memory was trained for base model {meta.get('base_model')} "
+                         f"({meta['base_fingerprint']}), not {identity['name']} ({identity['fingerprint']}; its "
+                         "weights or config differ): pass the matching --model.name or retrain the memory")
+    if meta.get("hook") and meta["hook"] != str(hook):
+        raise StageError(f"this memory was trained on hook point {meta['hook']}, but the config resolves to "
+                         f"{hook}: set --extract.hook {meta['hook']}")
+
+
+def load_memory(run_dir: Path, lm, hook, path: str | Path | None = None, required: bool = False):
+    """(memory, meta) of this run's selected (best-by-validation) checkpoint, checked against the loaded base LM
+    and for finite weights; (None, {}) with a warning when there is none (an error if ``required``).
+
+    ``path``: load that checkpoint directory instead (for ablations over a finished run)."""
+    from mlpmem.components.memory import MLPMemory
+
+    d = Path(run_dir) / MEMORY
+    if path is None:
+        m = read_manifest(d)
+        if m is None or not m.get("complete"):
+            if required:
+                raise StageError(f"no trained memory in {d}: run `mlpmem train` first")
+            log.warning("memory skipped: no trained memory in %s (run `mlpmem train`)", d)
+            return None, {}
+        m = verify_chain(run_dir, MEMORY, "train")
+        path = d / m["checkpoint"]
+    else:
+        m = {"fingerprint": fingerprint(str(path))}
+    try:
+        # inference in the LM's dtype (bf16 halves the memory's cost on CPU and GPU); mixing happens in float32
+        memory = MLPMemory.from_pretrained(path, device=str(lm.device), dtype=next(lm.model.parameters()).dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise StageError(f"cannot load the memory: {e}. Rerun `mlpmem train --force` to rebuild it") from None
+    bad = [n for n, p in memory.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise StageError(f"the memory in {path} has non-finite weights ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): training diverged; rerun `mlpmem train --force` "
+                         "with a lower --train.lr")
+    check_memory_matches(memory, lm.identity, hook)
+    meta = {"fingerprint": m["fingerprint"], "params": memory.num_parameters(),
+            "bytes": (Path(path) / "model.safetensors").stat().st_size}
+    return memory.eval(), meta
+
+
+# ----------------------------------------------------------------------------- evaluation results
+
+
+def load_eval_results(run_dir: Path, out_name: str) -> dict | None:
+    """The results of a finished `eval`, checked against its manifest and upstream chain; None if there are none."""
+    d = Path(run_dir) / out_name
+    if not is_complete(d):
+        return None
+    m = verify_chain(run_dir, out_name, "eval")
+    res = read_json(d / "results.json")
+    if not isinstance(res, dict) or res.get("fingerprint") != m["fingerprint"]:
+        raise StageError(f"{d / 'results.json'} does not belong to the eval manifest beside it (an interrupted "
+                         "write?): rerun `mlpmem eval --force`")
+    return res
+
+
+def tuned_memory_lambda(run_dir: Path, out_name: str) -> float | None:
+    """The memory weight tuned by `eval` on validation, or None when no finished evaluation has one."""
+    res = load_eval_results(run_dir, out_name)
+    lam = ((res or {}).get("settings") or {}).get("memory", {}).get("lam")
+    return float(lam) if lam is not None and math.isfinite(lam) else None

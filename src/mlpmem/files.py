@@ -1,0 +1,324 @@
+"""File conventions shared by every layer: atomic writes, strict JSON, fingerprints, memmaps, directory swaps.
+
+- Arrays are real ``.npy`` files (dtype and shape in the header), opened as memmaps; a memmap of known size gets
+  its blocks reserved up front (``posix_fallocate``), so a full disk is a clear error before any work instead of a
+  SIGBUS in the middle of it.
+- Anything small is written to a temporary file in the same directory and renamed (atomic on POSIX), with the
+  permissions an ordinary ``open`` would give (umask), never mkstemp's 0600.
+- A directory that is rewritten as a whole (a checkpoint) is a symlink to a versioned sibling, switched by one
+  atomic rename: at every instant the name points to a complete version.
+- Temporary names all match :func:`is_leftover`, so the leftovers of killed runs can be swept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from numpy.lib.format import open_memmap
+
+from mlpmem.errors import DiskSpaceError, StageError
+
+log = logging.getLogger(__name__)
+
+_TMP_MARK = ".mlpmem-tmp"  # in every temporary name (files and directories), so leftovers are recognisable
+_VERSION_RE = re.compile(r"^\.(?P<name>.+)\.v-[0-9a-f]{12}$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: str | Path, is_dir: bool = False) -> None:
+    """Give a mkstemp/mkdtemp result (0600/0700) the mode an ordinary open/mkdir would have."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Open a temporary file beside ``path`` for binary writing; on success fsync it and rename it over ``path``.
+
+    A crash or exception leaves ``path`` as it was (old content or absent), never half written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_MARK)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _public(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON (RFC 8259): non-finite floats become null, numpy scalars and paths plain values."""
+    return json.dumps(finite_json(obj), indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, to_json(obj) + "\n")
+
+
+def atomic_save_npy(path: str | Path, arr: np.ndarray) -> None:
+    """Save a whole array atomically (small arrays: token streams, offsets)."""
+    with atomic_file(path) as f:
+        np.save(f, arr)
+
+
+def finite_json(o: Any) -> Any:
+    """A copy of ``o`` with every NaN/Infinity replaced by None (strict JSON readers reject them)."""
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_json(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON at ``path``; None when absent or unreadable (a half-written file of a killed run)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- directory versions
+
+@contextlib.contextmanager
+def swapped_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory; on success ``target`` (a symlink) points to it, in one atomic rename.
+
+    ``target`` is a symlink to a versioned sibling ``.NAME.v-XXXXXXXXXXXX``. A crash while writing leaves the old
+    version in place (the half-written one is swept as a leftover); the switch is ``os.replace`` of a new symlink
+    over the old one, so there is no instant without a complete ``target``. Older versions are removed after.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    new = parent / f".{target.name}.v-{uuid.uuid4().hex[:12]}"
+    new.mkdir()
+    try:
+        yield new
+        link = parent / f".{target.name}.link{_TMP_MARK}-{uuid.uuid4().hex[:8]}"
+        os.symlink(new.name, link)
+        if target.is_dir() and not target.is_symlink():  # a plain directory (older layout): move it aside once
+            target.rename(parent / f".{target.name}.v-{uuid.uuid4().hex[:12]}")
+        os.replace(link, target)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    remove_old_versions(target)
+
+
+def remove_old_versions(target: Path) -> None:
+    """Delete the versioned siblings of ``target`` that it does not point to."""
+    current = os.readlink(target) if target.is_symlink() else None
+    for p in target.parent.glob(f".{target.name}.v-*"):
+        if p.name != current and _VERSION_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_directory(target: Path) -> None:
+    """Remove a (possibly versioned) directory and all its versions."""
+    target = Path(target)
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    remove_old_versions(target)
+
+
+def is_leftover(p: Path) -> bool:
+    """A temporary file/directory of a killed writer, or a directory version no symlink points to."""
+    if _TMP_MARK in p.name or (p.name.startswith(".") and p.name.endswith(".tmp")):
+        return True
+    m = _VERSION_RE.match(p.name)
+    if m:
+        link = p.parent / m.group("name")
+        return not (link.is_symlink() and os.readlink(link) == p.name)
+    return False
+
+
+def sweep_leftovers(root: str | Path) -> int:
+    """Delete the leftovers of killed runs under ``root``; call only while holding the run's lock."""
+    n = 0
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            p = Path(dirpath) / name
+            if is_leftover(p):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    dirnames.remove(name)
+                else:
+                    p.unlink(missing_ok=True)
+                n += 1
+    if n:
+        log.info("removed %d leftover temporary file(s) of an interrupted run under %s", n, root)
+    return n
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of JSON-serialisable parts (configs, upstream fingerprints)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=_json_default).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while True:
+            chunk = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- disk space and arrays
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Reserve the blocks of a file of ``nbytes`` (posix_fallocate); a full disk is a DiskSpaceError naming how much
+    is needed and free, raised before anything is computed into the file."""
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskSpaceError(
+                f"not enough disk space for {path} ({human_bytes(nbytes)} needed, {human_bytes(free)} free on its "
+                f"disk{', or a file-size limit is set' if e.errno == errno.EFBIG else ''}): free space or choose "
+                "another --out_dir, then rerun; finished work is kept") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
+            raise
+
+
+def create_memmap(path: str | Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """Create (or reopen for resume, if header matches) a writable .npy memmap whose blocks are reserved."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            mm = open_memmap(path, mode="r+")
+            if mm.dtype == np.dtype(dtype) and mm.shape == tuple(shape):
+                reserve(path, path.stat().st_size)  # a resumed file may still be sparse
+                return mm
+        except (ValueError, OSError):
+            pass
+        path.unlink()
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize + 128  # + the .npy header
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise DiskSpaceError(f"not enough disk space for {path}: {human_bytes(needed)} needed, {human_bytes(free)} "
+                             "free; free space or choose another --out_dir, then rerun (finished work is kept)")
+    mm = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    try:
+        reserve(path, path.stat().st_size)
+    except DiskSpaceError:
+        del mm
+        path.unlink(missing_ok=True)
+        raise
+    return mm
+
+
+def load_npy(path: str | Path, dtype: Any | None = None, shape0: int | None = None, mmap: bool = True) -> np.ndarray:
+    """Open a .npy file, checking it exists, is readable, and has the expected dtype / length."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"missing array {path}: rerun the stage that writes it")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise StageError(f"{path} is corrupt or truncated ({e}): delete it and rerun its stage with --force") from None
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise StageError(f"{path} has dtype {arr.dtype}, expected {np.dtype(dtype)}: rerun its stage with --force")
+    if shape0 is not None and arr.shape[0] != shape0:
+        raise StageError(f"{path} has {arr.shape[0]} rows, manifest says {shape0}: rerun its stage with --force")
+    return arr
+
+
+def shard_name(stem: str, i: int, n: int) -> str:
+    return f"{stem}-{i:05d}-of-{n:05d}.npy"
+
+
+class Progress:
+    """A resumable counter persisted as JSON next to partial outputs (units done, plus a config fingerprint)."""
+
+    def __init__(self, path: str | Path, fp: str):
+        self.path = Path(path)
+        self.fp = fp
+        self.done = 0
+        d = read_json(self.path)
+        if isinstance(d, dict) and d.get("fingerprint") == fp:
+            try:
+                self.done = int(d.get("done", 0))
+            except (TypeError, ValueError):
+                self.done = 0
+
+    def update(self, done: int) -> None:
+        self.done = done
+        atomic_write_json(self.path, {"fingerprint": self.fp, "done": done})
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

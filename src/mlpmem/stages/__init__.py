@@ -1,0 +1,74 @@
+"""The stage table: every stage declared once. The CLI (subcommands, help), `pipeline` and the saved configs read
+it; a stage module is imported only when it runs, so ``mlpmem --help`` stays fast.
+
+Each stage module has ``run(cfg) -> dict`` (its manifest, or a summary) and imports only ``mlpmem.artifacts`` and
+``mlpmem.components`` (plus the base modules config, files, runtime, errors): never another stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    sections: tuple[str, ...]  # config sections it reads (its CLI flags, and what its saved config.yaml holds)
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    target: str  # "module:function" run as fn(cfg)
+    writes: bool = True  # takes the run directory's lock
+    in_pipeline: bool = True
+
+    @property
+    def run(self) -> Callable:
+        module, _, fn = self.target.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", "Tokenize the corpus into train/validation/test streams.",
+          ("model", "data"), (), "mlpmem.stages.prepare:run"),
+    Stage("extract", "Store the base LM's keys (hidden states) and values (next tokens) over the train split.",
+          ("model", "data", "window", "extract", "train"), ("prepare",), "mlpmem.stages.extract:run"),
+    Stage("index", "Build a FAISS index over the stored keys and report its recall against exact search.",
+          ("index", "knn"), ("extract",), "mlpmem.stages.index:run"),
+    Stage("knn-targets", "Search each train position's neighbours (leave-one-out) and store sparse kNN targets.",
+          ("index", "knn"), ("extract", "index"), "mlpmem.stages.targets:run"),
+    Stage("train", "Train the MLP memory on the kNN targets (offline keys or online LM).",
+          ("model", "window", "extract", "knn", "memory", "train"), ("extract", "knn-targets"),
+          "mlpmem.stages.train:run"),
+    Stage("eval", "Perplexity of base LM, kNN-LM, memory and their mixtures; lambda tuned on validation.",
+          ("model", "data", "window", "extract", "index", "knn", "memory", "eval"),
+          ("prepare", "extract", "index", "train"), "mlpmem.stages.eval:run"),
+    Stage("generate", "Generate with the base LM with and without the memory mixed in.",
+          ("model", "extract", "memory", "eval", "generate"), ("train", "eval"), "mlpmem.stages.generate:run",
+          writes=False),
+)}
+
+# Commands that are not pipeline stages, listed with the stages in the CLI.
+COMMANDS: dict[str, Stage] = {
+    **STAGES,
+    "pipeline": Stage("pipeline", "Run every stage in order (each skips work already done, rebuilds what is stale), "
+                      "then print the results table.",
+                      tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)), (),
+                      "mlpmem.pipeline:run", in_pipeline=False),
+    "bench": Stage("bench", "Measure speed, memory and storage side by side: base vs memory vs kNN-LM, extraction, "
+                   "training.", ("model", "data", "window", "extract", "index", "knn", "memory", "train", "bench"),
+                   (), "mlpmem.bench:run", in_pipeline=False),
+    "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
+                          "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
+}
+
+
+def pipeline_stages() -> list[Stage]:
+    return [s for s in STAGES.values() if s.in_pipeline]
+
+
+def save_stage_config(cfg, stage: str, out_dir) -> None:
+    """The resolved config sections the stage reads, as YAML beside its outputs."""
+    from mlpmem.config import save_config
+
+    save_config(cfg, out_dir / "config.yaml", list(COMMANDS[stage].sections))

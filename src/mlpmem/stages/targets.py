@@ -1,0 +1,116 @@
+"""Stage `knn-targets`: sparse kNN next-token distributions for every train position (leave-one-out by id) and for
+the extracted validation positions.
+
+Layout of ``<run>/targets/``: per datastore shard ``ids-*.npy`` (rows, K) int32 padded with -1 and ``probs-*.npy``
+(rows, K) float16 (renormalised after the down-cast), row-aligned with the datastore (labels are the datastore's
+values). ``targets/validation/`` holds the same for the validation positions (searched against the train index,
+so nothing is left out there); training selects checkpoints on them. With ``--knn.teacher_dir`` the neighbours
+come from another run's datastore and index (same tokenizer and corpus), row-aligned with this run's positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mlpmem.artifacts import DATASTORE, DATASTORE_VAL, INDEX, TARGETS, Datastore, invalidate, open_index, \
+    should_skip, write_manifest
+from mlpmem.components.knn import compute_targets
+from mlpmem.config import Config
+from mlpmem.errors import StageError
+from mlpmem.files import Progress, create_memmap, fingerprint, shard_name
+from mlpmem.runtime import barrier, dist_info
+from mlpmem.stages import save_stage_config
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict:
+    """kNN targets for every train position (leave-one-out by id) and for the validation positions."""
+    dist = dist_info()
+    kc = cfg.knn
+    teacher = Path(kc.teacher_dir) if kc.teacher_dir else cfg.run_dir
+    own = teacher.resolve() == cfg.run_dir.resolve()
+    ds = Datastore(teacher)
+    student = ds if own else Datastore(cfg.run_dir)
+    if not own:
+        _check_teacher(ds, student)
+    index, im = open_index(teacher, cfg.index.nprobe)
+    if kc.k > ds.n:
+        raise StageError(f"--knn.k {kc.k} is larger than the datastore ({ds.n} keys): lower --knn.k")
+    tkey = (lambda k: k) if own else (lambda k: str((teacher / k).resolve()))
+    upstream = {tkey(DATASTORE): ds.fingerprint, tkey(INDEX): im["fingerprint"], DATASTORE: student.fingerprint}
+    has_val = student.has_validation
+    if has_val:
+        upstream[DATASTORE_VAL] = student.validation().fingerprint
+        if not own:
+            upstream[tkey(DATASTORE_VAL)] = ds.validation().fingerprint
+    out = cfg.run_dir / TARGETS
+    fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, kc.distances, kc.store_ids, kc.query_batch,
+                     cfg.index.nprobe)
+    done = should_skip(out, "knn-targets", fp, cfg.force, upstream)
+    if done:
+        return done
+    if dist.is_main:
+        invalidate(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    K = min(kc.store_ids, kc.k)
+    stats = {}
+    shards = ds.manifest["shards"]
+    for s in range(dist.rank, len(shards), dist.world_size):
+        sh = shards[s]
+        rows = np.arange(sh["start"], sh["stop"], dtype=np.int64)
+        ids = create_memmap(out / shard_name("ids", s, len(shards)), np.int32, (len(rows), K))
+        probs = create_memmap(out / shard_name("probs", s, len(shards)), np.float16, (len(rows), K))
+        prog = Progress(out / f".progress-{s:05d}.json", fp)
+        if prog.done < len(rows):
+            stats[s] = compute_targets(index, ds.keys, ds.vals, ids, probs, kc.k, kc.temperature, kc.distances,
+                                       kc.query_batch, prog, rows=rows, show_progress=dist.is_main)
+    n_val = 0
+    if dist.is_main and has_val:
+        # the teacher's keys of the same validation positions query the teacher's index (nothing to leave out)
+        vkeys = ds.validation().keys[0]
+        n_val = len(vkeys)
+        vout = out / "validation"
+        ids = create_memmap(vout / "ids.npy", np.int32, (n_val, K))
+        probs = create_memmap(vout / "probs.npy", np.float16, (n_val, K))
+        prog = Progress(vout / ".progress.json", fp)
+        if prog.done < n_val:
+            compute_targets(index, ds.keys, ds.vals, ids, probs, kc.k, kc.temperature, kc.distances,
+                            kc.query_batch, prog, queries=vkeys, show_progress=False)
+        prog.clear()
+    barrier()
+    if not dist.is_main:
+        return {}
+    for s in range(len(shards)):
+        (out / f".progress-{s:05d}.json").unlink(missing_ok=True)
+    qps = [v["queries_per_s"] for v in stats.values()]
+    n_bytes = sum(p.stat().st_size for p in out.rglob("*.npy"))
+    save_stage_config(cfg, "knn-targets", out)
+    return write_manifest(
+        out, "knn-targets", fp, upstream, teacher=str(teacher), k=kc.k, K=K, temperature=kc.temperature,
+        distances=kc.distances, n_positions=ds.n, shards=[
+            {"start": sh["start"], "stop": sh["stop"], "ids": shard_name("ids", s, len(shards)),
+             "probs": shard_name("probs", s, len(shards))} for s, sh in enumerate(shards)],
+        datastore_fingerprint=student.fingerprint, validation=n_val, stats={str(k): v for k, v in stats.items()},
+        queries_per_s=float(np.mean(qps)) if qps else None, bytes=n_bytes, bytes_per_position=K * (4 + 2))
+
+
+def _check_teacher(teacher: Datastore, student: Datastore) -> None:
+    tm, sm = teacher.manifest, student.manifest
+    if tm["model"]["tokenizer_hash"] != sm["model"]["tokenizer_hash"]:
+        raise StageError(f"--knn.teacher_dir: the teacher's tokenizer ({tm['model']['name']}) differs from the "
+                         f"student's ({sm['model']['name']}); targets must come from the same tokenizer: use a "
+                         "teacher model with the student's tokenizer, or unset --knn.teacher_dir")
+    if tm["data_fingerprint"] != sm["data_fingerprint"] or tm["n_positions"] != sm["n_positions"]:
+        raise StageError("--knn.teacher_dir: the teacher's datastore covers another corpus or split; prepare "
+                         "both runs from the same --data settings")
+    # Validation targets are row-aligned with the student's validation keys: both must hold the same positions.
+    n_tv = teacher.validation().n if teacher.has_validation else 0
+    n_sv = student.validation().n if student.has_validation else 0
+    if n_tv != n_sv:
+        raise StageError(f"--knn.teacher_dir: the teacher's datastore holds {n_tv} validation positions, the "
+                         f"student's {n_sv}: extract both with the same --train.val_positions")
