@@ -78,6 +78,13 @@ def test_two_processes_match_one(tmp_path):
     assert ma["fingerprint"] != mb["fingerprint"]  # the train fingerprint records world_size: 2 ranks really ran
     assert ma["summary"]["steps"] == mb["summary"]["steps"] > 4
     assert ma["summary"]["best_step"] == mb["summary"]["best_step"]
+    # each rank trained on its own half of every global batch: together exactly the single process's positions,
+    # never the whole batch each (which would also give matching weights after the gradient average)
+    (one_share,), two_shares = ma["summary"]["rank_shares"], mb["summary"]["rank_shares"]
+    assert one_share["positions"] == ma["summary"]["steps"] * 64
+    assert [s["positions"] for s in two_shares] == [one_share["positions"] // 2] * 2
+    assert sum(s["sum"] for s in two_shares) == one_share["sum"]
+    assert two_shares[0]["sum"] != two_shares[1]["sum"]
     assert mb["summary"]["final_train_loss"] == pytest.approx(ma["summary"]["final_train_loss"], rel=1e-4)
     for ckpt in ("last", "best"):
         wa, wb = (load_file(str(tmp_path / run / "memory" / ckpt / "model.safetensors")) for run in ("one", "two"))

@@ -120,10 +120,10 @@ def test_mix3():
 
 
 def test_perplexity():
-    assert perplexity(10 * math.log(5.0), 10) == pytest.approx(5.0)
-    assert perplexity(1e6, 1) == math.inf
+    assert perplexity(np.full(10, -math.log(5.0))) == pytest.approx(5.0)
+    assert perplexity(np.array([-1e6])) == math.inf
     with pytest.raises(ValueError):
-        perplexity(1.0, 0)
+        perplexity(np.zeros(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

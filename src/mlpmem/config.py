@@ -42,7 +42,7 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off: only transformers' own classes).")
 
     def validate(self, p: str) -> None:
-        _check(bool(self.name), f"{p}.name", "must not be empty")
+        _check(bool(self.name.strip()), f"{p}.name", "must not be empty")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"{p}.device", f"got {self.device!r}; use auto, cpu, cuda or cuda:N")
 
@@ -68,6 +68,8 @@ class DataConfig:
             _check(0.0 <= v < 1.0, f"{p}.{name}", f"must be in [0, 1), got {v}")
         _check(self.validation_fraction + self.test_fraction < 1.0, f"{p}.test_fraction",
                "validation_fraction + test_fraction must leave documents for train")
+        _check(self.seed >= 0, f"{p}.seed", f"must be >= 0, got {self.seed}")
+        _check(bool(self.source.strip()), f"{p}.source", "must not be empty ('default' is the offline corpus)")
         for name in ("max_train_tokens", "max_eval_tokens"):
             v = getattr(self, name)
             _check(v is None or v >= 2, f"{p}.{name}", f"must be >= 2 or null, got {v}")
@@ -95,6 +97,7 @@ class ExtractConfig:
 
     def validate(self, p: str) -> None:
         _check(self.shards >= 1, f"{p}.shards", f"must be >= 1, got {self.shards}")
+        _check(bool(self.hook.strip()), f"{p}.hook", "must not be empty ('auto' picks the pre-FFN norm)")
 
 
 @dataclass
@@ -111,6 +114,8 @@ class IndexConfig:
         _check(self.train_size >= 1, f"{p}.train_size", "must be >= 1")
         _check(self.add_chunk >= 1, f"{p}.add_chunk", "must be >= 1")
         _check(self.nprobe >= 1, f"{p}.nprobe", "must be >= 1")
+        _check(self.recall_queries >= 1, f"{p}.recall_queries", "must be >= 1")
+        _check(bool(self.factory), f"{p}.factory", "must not be empty")
 
 
 @dataclass
@@ -143,7 +148,9 @@ class MemoryConfig:
     temperature: float = opt(1.0, "Softmax temperature of the memory's logits at inference.")
 
     def validate(self, p: str) -> None:
-        _check(self.num_blocks is None or self.num_blocks >= 1, f"{p}.num_blocks", "must be >= 1 or null")
+        for n in ("num_blocks", "hidden_size", "intermediate_size"):
+            v = getattr(self, n)
+            _check(v is None or v >= 1, f"{p}.{n}", f"must be >= 1 or null (null: the default), got {v}")
         _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
         _check(self.temperature > 0, f"{p}.temperature", "must be > 0")
 
@@ -192,6 +199,11 @@ class EvalConfig:
     out_name: str = opt("eval", "Sub-directory of the run dir for results.")
 
     def validate(self, p: str) -> None:
+        for n in ("splits", "systems", "lambdas", "knn_temperatures"):
+            _check(len(getattr(self, n)) > 0, f"{p}.{n}", "must list at least one value")
+        _check(self.knn_k is None or self.knn_k >= 1, f"{p}.knn_k", f"must be >= 1 or null, got {self.knn_k}")
+        _check(bool(self.out_name) and "/" not in self.out_name and self.out_name not in (".", ".."),
+               f"{p}.out_name", f"must be a plain directory name, got {self.out_name!r}")
         for s in self.splits:
             _check(s in ("train", "validation", "test"), f"{p}.splits", f"unknown split {s!r}")
         for s in self.systems:
@@ -213,6 +225,8 @@ class GenerateConfig:
     side_by_side: bool = opt(True, "Print base and base+memory continuations together.")
 
     def validate(self, p: str) -> None:
+        _check(len(self.prompts) > 0 and all(q.strip() for q in self.prompts), f"{p}.prompts",
+               "must list at least one non-empty prompt")
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be >= 1")
         _check(self.num_beams >= 1, f"{p}.num_beams", "must be >= 1")
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
@@ -240,7 +254,8 @@ class BenchConfig:
                                    "LM). 4 is the demo preset's. The training comparison uses the first.")
 
     def validate(self, p: str) -> None:
-        _check(all(s >= 100 for s in self.sizes), f"{p}.sizes", "each must be >= 100")
+        _check(len(self.sizes) > 0 and all(s >= 100 for s in self.sizes), f"{p}.sizes",
+               "must list one or more sizes, each >= 100")
         _check(self.tokens >= 2, f"{p}.tokens", f"must be >= 2, got {self.tokens}")
         _check(self.train_steps >= 1, f"{p}.train_steps", f"must be >= 1, got {self.train_steps}")
         _check(self.real_keys >= 100, f"{p}.real_keys", f"must be >= 100, got {self.real_keys}")
@@ -276,6 +291,7 @@ class Config:
     def validate(self) -> None:
         _check(bool(self.out_dir), "out_dir", "must not be empty")
         _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):

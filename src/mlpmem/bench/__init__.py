@@ -171,6 +171,7 @@ def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> t
 
 def time_scoring(cfg: Config, lm, tokens: np.ndarray, desc: str, **kw) -> dict:
     """One sliding-window scoring of `tokens`, timed: everything the eval stage does per token."""
+    from mlpmem.components.interpolate import perplexity
     from mlpmem.components.scoring import score_tokens
 
     wc = cfg.window
@@ -180,7 +181,7 @@ def time_scoring(cfg: Config, lm, tokens: np.ndarray, desc: str, **kw) -> dict:
     sync(lm.device)
     dt = time.perf_counter() - t0
     return {"tokens_per_s": sc.n / dt, "seconds": round(dt, 3), "tokens": sc.n,
-            "parts_s": {k: round(v, 6) for k, v in sc.seconds.items() if v}, "base_ppl": float(np.exp(-sc.lm.mean()))}
+            "parts_s": {k: round(v, 6) for k, v in sc.seconds.items() if v}, "base_ppl": perplexity(sc.lm)}
 
 
 def make_memories(cfg: Config, lm) -> dict:

@@ -84,11 +84,10 @@ def mix3(lm, mem, knn, lam_mem: float, lam_knn: float):
     return out
 
 
-def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """Token-level perplexity exp(sum NLL / number of scored tokens); inf if it overflows."""
-    if n_tokens <= 0:
-        raise ValueError(f"perplexity needs at least one scored token, got n_tokens={n_tokens}")
-    try:
-        return math.exp(float(nll_sum) / n_tokens)
-    except OverflowError:
-        return math.inf
+def perplexity(gold_logprobs: np.ndarray) -> float:
+    """Token-level perplexity exp(mean NLL) from per-token gold log-probs (any shape); inf if it overflows."""
+    lp = np.asarray(gold_logprobs, dtype=np.float64)
+    if lp.size == 0:
+        raise ValueError("perplexity needs at least one scored token, got none")
+    with np.errstate(over="ignore"):
+        return float(np.exp(-lp.mean()))

@@ -124,9 +124,11 @@ def weights_digest(src: str, kw: dict, model) -> str:
 
 def model_identity(mcfg: ModelConfig, model, tok, weights: str | None = None) -> dict:
     cfg_json = model.config.to_json_string(use_diff=False)
-    # dtype-independent: the same checkpoint at fp32 or bf16 has the same identity (dtype recorded separately)
+    # dtype-independent: the same checkpoint at fp32 or bf16 has the same identity (dtype recorded separately);
+    # location-independent: the path it was loaded from is not part of what it computes
     cfg_hash = hashlib.sha256(
-        "\n".join(line for line in cfg_json.splitlines() if "dtype" not in line).encode()).hexdigest()[:16]
+        "\n".join(line for line in cfg_json.splitlines()
+                  if "dtype" not in line and '"_name_or_path"' not in line).encode()).hexdigest()[:16]
     name = mcfg.name
     if name == "default":
         from mlpmem.assets import DEFAULT_MODEL_ID
@@ -143,7 +145,9 @@ def model_identity(mcfg: ModelConfig, model, tok, weights: str | None = None) ->
         "vocab_size": model.get_output_embeddings().weight.shape[0],
         "weights": weights,
     }
-    ident["fingerprint"] = fingerprint(ident)
+    # content, not location: a moved model directory or a renamed copy is the same model (the weights digest,
+    # the config and the tokenizer say what it computes)
+    ident["fingerprint"] = fingerprint({k: v for k, v in ident.items() if k not in ("name", "revision")})
     return ident
 
 

@@ -23,6 +23,7 @@ import torch
 from mlpmem.config import Config
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
 from mlpmem.components.interpolate import mix3
+from mlpmem.components.interpolate import perplexity as ppl  # from gold log-probs
 from mlpmem.components.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.components.lm import LoadedLM
 
@@ -191,11 +192,6 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
 
 
 # ----------------------------------------------------------------------------- perplexity from gold log-probs
-
-def ppl(lp: np.ndarray) -> float:
-    """Token-weighted perplexity exp(mean NLL) from per-position gold log-probs."""
-    return float(np.exp(-lp.mean())) if lp.size else float("nan")
-
 
 def sweep(scored: Scored, cfg: Config) -> dict:
     """Perplexity of every system at every swept setting: {system: [{"lam":..,"T":..,"ppl":..}, ...]}."""

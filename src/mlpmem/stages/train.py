@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, MEMORY, TARGETS, Datastore, TargetStore, \
-    invalidate, load_split, should_skip, verify_chain, write_manifest
+    invalidate, is_complete, load_split, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.index import ConcatRows
 from mlpmem.components.lm import LoadedLM, load_lm
@@ -56,9 +56,10 @@ def run(cfg: Config) -> dict:
     done = should_skip(out, "train", fp, cfg.force, upstream)
     if done:
         return done
+    rebuild = cfg.force or is_complete(out)  # a finished memory from other settings or inputs: start over
     if dist.is_main:
         invalidate(out)
-        if cfg.force:
+        if rebuild:
             for sub in ("last", "best"):
                 remove_directory(out / sub)
             for name in ("metrics.jsonl", "best.json"):
