@@ -37,7 +37,7 @@ def main() -> None:
     setup_logging()
     base = load_config(args.config, overrides)
     set_threads(base.threads)
-    from mlpmem import eval_stage, retrieval, train
+    from mlpmem.stages import eval as eval_stage, targets, train
 
     rows = []
     for name, ov in VARIANTS.items():
@@ -54,7 +54,7 @@ def main() -> None:
         seed_everything(cfg.seed)
         t0 = time.time()
         if "knn.temperature" in ov:
-            retrieval.run_targets(cfg)
+            targets.run(cfg)
         train.run(cfg)
         eval_stage.run(cfg)
         res = json.loads((out / cfg.eval.out_name / "results.json").read_text())

@@ -107,7 +107,7 @@ fi
 RUN="$WORK/run"
 rm -rf "$RUN"
 say "pipeline -> $RUN"
-timeout 330 "$PY" -m mlpmem.cli pipeline --config configs/tiny.yaml --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
+timeout 330 "$PY" -m mlpmem pipeline --config configs/tiny.yaml --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
   --model.device "$DEVICE" --model.dtype bf16 --data.max_train_tokens 60000 --data.max_eval_tokens 8000 \
   --window.context 512 --window.stride 256 --window.batch_size 16 --extract.shards 2 --index.factory Flat \
   --knn.k 256 --knn.store_ids 64 --memory.num_blocks 4 --train.epochs 3 --train.batch_size 1024 \

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from mlpmem import bench, evaluate
+from mlpmem import bench
+from mlpmem.components import scoring as evaluate
 from mlpmem.components.capture import resolve_hook
 from mlpmem.config import load_config
 from mlpmem.components.lm import load_lm

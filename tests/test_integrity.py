@@ -173,3 +173,36 @@ def test_leftovers_of_killed_runs_are_swept(run):
     assert main(["eval", "--config", cfg]) == 0
     assert not any(p.exists() for p in junk)
     assert current.is_dir()  # the version `last` points to is kept
+
+
+def test_files_have_ordinary_permissions(run):
+    """Atomic writes go through mkstemp (mode 0600); what they leave must look like any other file (umask)."""
+    import os
+    import stat
+
+    tmp, _ = run
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {}
+    for p in (tmp / "run").rglob("*"):
+        if p.is_symlink():
+            continue
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        modes[p.relative_to(tmp).as_posix()] = (stat.S_IMODE(p.stat().st_mode), want)
+    wrong = {k: (oct(m), oct(w)) for k, (m, w) in modes.items() if m != w}
+    assert len(modes) > 20 and not wrong, wrong
+
+
+def test_third_party_loggers_stay_quiet(run):
+    """faiss' loader logs its failed AVX512 import at INFO, which reads like an error: not shown without -v."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, cfg = run
+    env = {**os.environ, "MLPMEM_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "mlpmem", "index", "--config", cfg], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "loader" not in r.stderr and "Could not load library" not in r.stderr, r.stderr
+    assert "index: up to date" in r.stderr  # mlpmem's own INFO lines still show

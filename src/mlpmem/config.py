@@ -305,9 +305,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
 # ----------------------------------------------------------------------------- parsing
 
 def _coerce(value: Any, tp: Any, flag: str) -> Any:

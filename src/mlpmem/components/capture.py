@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mlpmem.errors import ConfigError
+
 KINDS = ("output", "input")
 
 # Pre-FFN norm of a decoder layer, by attribute name. Order matters:
@@ -41,7 +43,7 @@ class HookPoint:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"hook kind must be one of {KINDS}, got {self.kind!r} (in hook {self.module!r})")
+            raise ConfigError(f"hook kind must be one of {KINDS}, got {self.kind!r} (in hook {self.module!r})")
 
     def __str__(self) -> str:
         return f"{self.module}:{self.kind}"
@@ -53,7 +55,7 @@ class HookPoint:
         if not sep:
             module, kind = kind, "output"
         if not module:
-            raise ValueError(f"empty module path in hook {text!r}; expected 'module.path:output' or ':input'")
+            raise ConfigError(f"empty module path in hook {text!r}; expected 'module.path:output' or ':input'")
         return cls(module, kind)
 
 
@@ -104,7 +106,7 @@ def _module_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
-def _bad_hook(model: nn.Module, name: str, why: str) -> ValueError:
+def _bad_hook(model: nn.Module, name: str, why: str) -> ConfigError:
     names = _module_names(model)
     near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     if not near:  # fall back to the siblings of the deepest existing parent
@@ -113,7 +115,7 @@ def _bad_hook(model: nn.Module, name: str, why: str) -> ValueError:
             parent = parent.rpartition(".")[0]
         near = [n for n in names if n.startswith(parent + ".") and n.count(".") == parent.count(".") + 1][:5]
         near = near or names[:5]
-    return ValueError(f"hook {name!r}: {why}. Nearby valid module names: {', '.join(near)}. "
+    return ConfigError(f"hook {name!r}: {why}. Nearby valid module names: {', '.join(near)}. "
                       "Pass an existing module as --extract.hook 'module.path:output' (or ':input').")
 
 
@@ -143,7 +145,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best_key is None or key > best_key:
             best, best_key = (name, mod), key
     if best is None:
-        raise ValueError(f"could not find the decoder layers of {type(model).__name__}; "
+        raise ConfigError(f"could not find the decoder layers of {type(model).__name__}; "
                          "pass the hook explicitly as --extract.hook 'module.path:output'")
     return best
 
@@ -152,7 +154,7 @@ def _auto_hook(model: nn.Module, layer: int) -> HookPoint:
     path, layers = decoder_layers(model)
     n = len(layers)
     if not -n <= layer < n:
-        raise ValueError(f"--extract.layer {layer} is out of range for a model with {n} decoder layers")
+        raise ConfigError(f"--extract.layer {layer} is out of range for a model with {n} decoder layers")
     idx = layer % n
     block = layers[idx]
     prefix = f"{path}.{idx}" if path else str(idx)
@@ -165,7 +167,7 @@ def _auto_hook(model: nn.Module, layer: int) -> HookPoint:
     for ffn in _FFN_NAMES:
         if ffn in children:
             return HookPoint(f"{prefix}.{ffn}", "input")
-    raise ValueError(f"no known pre-FFN norm or FFN module in {prefix} ({type(block).__name__}: children "
+    raise ConfigError(f"no known pre-FFN norm or FFN module in {prefix} ({type(block).__name__}: children "
                      f"{', '.join(children)}); pass the hook explicitly as --extract.hook 'module.path:output'")
 
 

@@ -85,9 +85,10 @@ def mix3(lm, mem, knn, lam_mem: float, lam_knn: float):
 
 
 def perplexity(gold_logprobs: np.ndarray) -> float:
-    """Token-level perplexity exp(mean NLL) from per-token gold log-probs (any shape); inf if it overflows."""
+    """Token-level perplexity exp(mean NLL) from per-token gold log-probs (any shape); inf if it overflows, nan
+    when no token was scored."""
     lp = np.asarray(gold_logprobs, dtype=np.float64)
     if lp.size == 0:
-        raise ValueError("perplexity needs at least one scored token, got none")
+        return math.nan
     with np.errstate(over="ignore"):
         return float(np.exp(-lp.mean()))

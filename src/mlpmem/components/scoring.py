@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mlpmem.config import Config
+from mlpmem.errors import ConfigError
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
 from mlpmem.components.interpolate import mix3
 from mlpmem.components.interpolate import perplexity as ppl  # from gold log-probs
@@ -112,7 +113,7 @@ def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
     text_cfg = model.config.get_text_config()
     max_pos = getattr(text_cfg, "max_position_embeddings", None)
     if max_pos is not None and longest > max_pos:
-        raise ValueError(f"--window.context: windows of {longest} tokens exceed the {max_pos} positions of this "
+        raise ConfigError(f"--window.context: windows of {longest} tokens exceed the {max_pos} positions of this "
                          f"{model.config.model_type} model; lower --window.context (and --window.stride)")
     # We score through the decoder + output head only (no (B, T, V) logits). Check on a few tokens that this is
     # what the model's own forward computes: some families scale their logits in forward (e.g. Granite, Cohere).
