@@ -272,12 +272,17 @@ def create_memmap(path: str | Path, dtype: Any, shape: tuple[int, ...]) -> np.me
     if needed > free:
         raise DiskSpaceError(f"not enough disk space for {path}: {human_bytes(needed)} needed, {human_bytes(free)} "
                              "free; free space or choose another --out_dir, then rerun (finished work is kept)")
-    mm = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
     try:
+        mm = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))  # writes its last byte: may fail too
         reserve(path, path.stat().st_size)
-    except DiskSpaceError:
-        del mm
-        path.unlink(missing_ok=True)
+    except OSError as e:
+        path.unlink(missing_ok=True)  # no header-only stub left behind
+        if isinstance(e, DiskSpaceError):
+            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskSpaceError(f"cannot allocate {path} ({human_bytes(needed)}): no space left on its disk or over "
+                                 "a file-size limit; free space or choose another --out_dir, then rerun (finished "
+                                 "work is kept)") from None
         raise
     return mm
 
