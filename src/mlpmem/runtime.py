@@ -36,7 +36,20 @@ def init_distributed() -> Dist:
         if backend == "nccl":
             torch.cuda.set_device(d.local_rank)
         torch.distributed.init_process_group(backend)
+        import atexit
+
+        atexit.register(_shutdown_distributed)
     return d
+
+
+def _shutdown_distributed() -> None:
+    """Leave together: a rank that exits while another still talks to it can abort in the backend's threads."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        except Exception:  # another rank died first: nothing left to coordinate
+            pass
 
 
 def _dist_on() -> bool:
