@@ -89,6 +89,45 @@ class WindowConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    mode: str = opt("none", "Fine-tune the base LM on the train split before anything else: 'none', 'full' or 'lora' "
+                    "(peft). The result (run_dir/finetune/model) is then the base model of every later stage.",
+                    ("none", "full", "lora"))
+    lr: float = opt(1e-4, "AdamW peak learning rate (full fine-tuning usually wants ~5e-5, LoRA ~2e-4).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(20, "Linear warm-up steps (then linear decay to 0).")
+    epochs: float = opt(1.0, "Passes over the train split's windows (fractions allowed).")
+    max_steps: int | None = opt(None, "Stop after this many steps (overrides epochs).")
+    batch_size: int = opt(8, "Windows per optimiser step (across all processes); tokens per step = this x "
+                          "--window.context.")
+    grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
+    dtype: str = opt("fp32", "Weights dtype while training (bf16 halves memory; fp32 is exact on CPU).",
+                     ("fp32", "bf16"))
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA branch.")
+    lora_targets: list[str] = opt(["auto"], "Module names LoRA adapts ('auto': the attention and MLP projections).")
+    eval_every: int = opt(50, "Steps between validation passes (checkpoint selection by validation loss).")
+    save_every: int = opt(50, "Steps between resumable checkpoints.")
+    val_windows: int = opt(32, "Validation windows scored per validation pass.")
+
+    def validate(self, p: str) -> None:
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        _check(self.epochs > 0, f"{p}.epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", "must be >= 1 or null")
+        _check(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
+        _check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0")
+        _check(self.lora_r >= 1, f"{p}.lora_r", "must be >= 1")
+        _check(self.lora_alpha > 0, f"{p}.lora_alpha", "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, f"{p}.lora_dropout", "must be in [0, 1)")
+        _check(len(self.lora_targets) > 0, f"{p}.lora_targets", "must list at least one module name (or auto)")
+        for n in ("eval_every", "save_every", "val_windows"):
+            _check(getattr(self, n) >= 1, f"{p}.{n}", "must be >= 1")
+
+
+@dataclass
 class ExtractConfig:
     hook: str = opt("auto", "Module whose output is the key, as 'module.path' or 'module.path:input'. 'auto': the "
                     "pre-FFN norm of decoder layer `layer` (GPT-2 ln_2, Llama post_attention_layernorm).")
@@ -276,6 +315,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)

@@ -5,6 +5,6 @@ Stages read their inputs and write their outputs only through this package; comp
 
 from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, invalidate, read_manifest,  # noqa: F401
                                        rebuilding_stale, require_manifest, should_skip, verify_chain, write_manifest)
-from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, INDEX, MEMORY, SPLITS, TARGETS,  # noqa: F401
-                                      Datastore, TargetStore, check_memory_matches, is_complete, load_eval_results,
+from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX,  # noqa
+                                      MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, load_eval_results,
                                       load_memory, load_split, open_index, tuned_memory_lambda)

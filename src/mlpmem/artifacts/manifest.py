@@ -27,7 +27,7 @@ FORMAT_VERSION = 2  # 2: manifests record their upstream fingerprints
 MANIFEST = "manifest.json"
 
 # stage -> the command that makes it (for messages)
-COMMANDS = {"prepare": "mlpmem prepare", "extract": "mlpmem extract", "index": "mlpmem index",
+COMMANDS = {"prepare": "mlpmem prepare", "finetune": "mlpmem finetune", "extract": "mlpmem extract", "index": "mlpmem index",
             "knn-targets": "mlpmem knn-targets", "train": "mlpmem train", "eval": "mlpmem eval"}
 
 _rebuild_stale: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_stale", default=False)

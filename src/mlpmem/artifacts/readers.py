@@ -30,8 +30,9 @@ from mlpmem.files import fingerprint, load_npy, read_json
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-DATA, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, MEMORY = (
-    "data", "datastore", "datastore/validation", "index", "targets", "memory")
+DATA, FINETUNE, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, MEMORY = (
+    "data", "finetune", "datastore", "datastore/validation", "index", "targets", "memory")
+FINETUNED_MODEL = "model"  # the Hugging Face model directory inside finetune/
 
 
 def is_complete(path: Path) -> bool:
@@ -53,6 +54,23 @@ def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> 
                          f"(hash {tokenizer_hash}): rerun `mlpmem prepare --force` with the same --model.name")
     tokens = load_npy(run_dir / DATA / split / "tokens.npy", np.int32, m["counts"][split]["tokens"])
     return tokens, m
+
+
+# ----------------------------------------------------------------------------- base model
+
+def base_model(cfg) -> tuple:
+    """(ModelConfig of the base LM every later stage uses, upstream links). With --finetune.mode full/lora that is
+    this run's fine-tuned model directory (checked: complete, fresh, made with that mode); else --model as given."""
+    import dataclasses
+
+    if cfg.finetune.mode == "none":
+        return cfg.model, {}
+    m = verify_chain(cfg.run_dir, FINETUNE, "finetune")
+    if m.get("mode") != cfg.finetune.mode:
+        raise StageError(f"{cfg.run_dir / FINETUNE} holds a {m.get('mode')!r} fine-tuning, but --finetune.mode is "
+                         f"{cfg.finetune.mode!r}: rerun `mlpmem finetune --force`")
+    path = cfg.run_dir / FINETUNE / FINETUNED_MODEL
+    return dataclasses.replace(cfg.model, name=str(path.resolve()), revision=None), {FINETUNE: m["fingerprint"]}
 
 
 # ----------------------------------------------------------------------------- datastore

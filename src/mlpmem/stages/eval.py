@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, invalidate, is_complete, load_memory, \
+from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, base_model, invalidate, is_complete, load_memory, \
     load_split, open_index, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.knn import knn_scorer
@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     out = cfg.run_dir / cfg.eval.out_name
-    lm = load_lm(cfg.model)
+    mcfg, model_up = base_model(cfg)
+    lm = load_lm(mcfg)
     systems = set(cfg.eval.systems)
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
-    upstream = {DATA: data_m["fingerprint"]}
+    upstream = {DATA: data_m["fingerprint"], **model_up}
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {"base"} else None
     memory, mem_meta, scorer, knn_meta = None, {}, None, {}
     if systems & {"memory", "memory+knn"}:

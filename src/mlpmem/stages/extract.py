@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, invalidate, load_split, should_skip, verify_chain, \
-    write_manifest
+from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, base_model, invalidate, load_split, should_skip, \
+    verify_chain, write_manifest
 from mlpmem.components.capture import forward_hidden, resolve_hook
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
 from mlpmem.components.lm import LoadedLM, load_lm
@@ -108,11 +108,12 @@ def _reopen_keys(path: Path, rows: int) -> np.memmap | None:
 def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
     """Datastore over the train split, plus the keys of the first --train.val_positions validation positions
     (the memory's validation inputs) in ``datastore/validation``."""
-    lm = lm or load_lm(cfg.model)
+    mcfg, model_up = base_model(cfg)
+    lm = lm or load_lm(mcfg)
     check_context(lm, cfg.window.context)
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
-    m = _extract_split(cfg, lm, hook, "train", cfg.run_dir / DATASTORE, None)
-    _extract_split(cfg, lm, hook, "validation", cfg.run_dir / DATASTORE_VAL, cfg.train.val_positions)
+    m = _extract_split(cfg, lm, hook, "train", cfg.run_dir / DATASTORE, None, model_up)
+    _extract_split(cfg, lm, hook, "validation", cfg.run_dir / DATASTORE_VAL, cfg.train.val_positions, model_up)
     return m
 
 
@@ -126,10 +127,11 @@ def check_context(lm: LoadedLM, context: int) -> None:
                          f"use --window.context {max_pos} or less (and a --window.stride that fits)")
 
 
-def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None) -> dict:
+def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None,
+                   model_up: dict) -> dict:
     dist = dist_info()
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
-    upstream = {DATA: data_m["fingerprint"]}
+    upstream = {DATA: data_m["fingerprint"], **model_up}
     fp = fingerprint(extract_fingerprint(cfg, lm, str(hook), data_m["fingerprint"]), split, max_positions)
     done = should_skip(out, "extract", fp, cfg.force, upstream)
     if done:

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from mlpmem.artifacts import load_memory, tuned_memory_lambda
+from mlpmem.artifacts import base_model, load_memory, tuned_memory_lambda
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.joint import attach_memory
 from mlpmem.components.lm import LoadedLM, load_lm
@@ -43,7 +43,7 @@ def generate_texts(lm: LoadedLM, prompts: list[str], cfg: Config) -> list[str]:
 
 
 def run(cfg: Config) -> dict:
-    lm = load_lm(cfg.model)
+    lm = load_lm(base_model(cfg)[0])
     memory, _ = load_memory(cfg.run_dir, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer),
                             required=True)
     lam = tuned_lambda(cfg)

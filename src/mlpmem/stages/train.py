@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import torch
 
-from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, MEMORY, TARGETS, Datastore, TargetStore, \
+from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, MEMORY, TARGETS, Datastore, TargetStore, base_model, \
     invalidate, is_complete, load_split, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.index import ConcatRows
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     dist = dist_info()
-    lm = load_lm(cfg.model)
+    mcfg, model_up = base_model(cfg)
+    lm = load_lm(mcfg)
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
     tg = TargetStore(cfg.run_dir)
@@ -43,7 +44,7 @@ def run(cfg: Config) -> dict:
         raise StageError(f"the kNN targets hold {tg.n_validation} validation positions but the datastore only "
                          f"{n_val_ds}: rerun `mlpmem knn-targets --force`")
     out = cfg.run_dir / MEMORY
-    upstream = {DATASTORE: ds.fingerprint, TARGETS: tg.fingerprint}
+    upstream = {DATASTORE: ds.fingerprint, TARGETS: tg.fingerprint, **model_up}
     if tg.n_validation:
         upstream[DATASTORE_VAL] = ds.validation().fingerprint
     if cfg.train.input == "online":
