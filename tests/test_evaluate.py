@@ -9,7 +9,10 @@ import torch
 from helpers import make_model
 from mlpmem.config import load_config
 from mlpmem.components.data import batch_windows, plan_windows
-from mlpmem.components.scoring import Scored, mix2, mix3, ppl, score_tokens, settle, sweep
+from mlpmem.components.interpolate import mix3, perplexity as ppl
+from mlpmem.components.interpolate import mix_gold as mix2
+from mlpmem.components.scoring import Scored, score_tokens
+from mlpmem.components.tuning import bootstrap_changes, doc_ids_of, settle, sweep
 from mlpmem.components.lm import LoadedLM
 
 VOCAB = 61
@@ -109,14 +112,16 @@ def test_memory_and_knn_see_the_key_of_each_scored_position(lm):
         seen_gold.append(gold.clone())
         return np.stack([np.full(len(gold), -1.0), -np.arange(len(gold), dtype=np.float64)])
 
-    sc = score_tokens(lm, tokens, 32, 12, batch_size=3, hook=hook, memory=memory, mem_temperature=2.0,
+    sc = score_tokens(lm, tokens, 32, 12, batch_size=3, hook=hook, memory=memory, mem_temperatures=[2.0, 1.0],
                       knn_scorer=knn_scorer)
     assert torch.equal(torch.cat(seen_gold), torch.from_numpy(tokens[1:].astype(np.int64)))
     torch.testing.assert_close(torch.cat(seen_keys), ref_keys, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        ref_mem = (memory(ref_keys) / 2.0).double().log_softmax(-1)
-    ref_mem = ref_mem.gather(-1, torch.from_numpy(tokens[1:].astype(np.int64))[:, None])[:, 0].numpy()
-    np.testing.assert_allclose(sc.mem, ref_mem, atol=1e-5, rtol=0)
+    assert sc.mem.shape == (2, len(tokens) - 1)
+    for row, T in enumerate((2.0, 1.0)):  # one row per memory temperature, from one head pass
+        with torch.no_grad():
+            ref_mem = (memory(ref_keys) / T).double().log_softmax(-1)
+        ref_mem = ref_mem.gather(-1, torch.from_numpy(tokens[1:].astype(np.int64))[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(sc.mem[row], ref_mem, atol=1e-5, rtol=0)
     assert sc.knn.shape == (2, len(tokens) - 1) and (sc.knn[0] == -1.0).all()
 
 
@@ -193,32 +198,35 @@ def _scored_with_known_optimum(rng, n, lam_best):
     lm_lp = np.log(rng.uniform(0.05, 0.3, size=n))
     mem_lp = np.log(np.clip(np.exp(lm_lp) * (1 + 4 * lam_best * rng.uniform(0.5, 1.5, size=n)), 0, 1))
     knn = np.stack([np.log(rng.uniform(0.01, 0.9, size=n)), lm_lp + np.log(1.5)])
-    return Scored(lm=lm_lp, mem=mem_lp, knn=knn)
+    return Scored(lm=lm_lp, mem=mem_lp[None], knn=knn)
 
 
 def test_settle_tunes_on_validation_and_reports_test_at_that_setting():
-    val = Scored(lm=np.log(np.full(200, 0.2)), mem=np.log(np.full(200, 0.6)), knn=np.log(np.full((2, 200), 0.1)))
+    val = Scored(lm=np.log(np.full(200, 0.2)), mem=np.log(np.full((1, 200), 0.6)), knn=np.log(np.full((2, 200), 0.1)))
     # on test the memory is useless: tuning on test would pick lam = 0 for it
-    test = Scored(lm=np.log(np.full(100, 0.3)), mem=np.log(np.full(100, 0.01)),
+    test = Scored(lm=np.log(np.full(100, 0.3)), mem=np.log(np.full((1, 100), 0.01)),
                   knn=np.stack([np.log(np.full(100, 0.1)), np.log(np.full(100, 0.9))]))
-    cfg = load_config(None, {"eval.lambdas": [0.0, 0.25, 0.5, 0.75], "eval.knn_temperatures": [1.0, 8.0]})
+    cfg = load_config(None, {"eval.lambdas": [0.0, 0.25, 0.5, 0.75], "eval.knn_temperatures": [1.0, 8.0],
+                             "eval.memory_temperatures": [1.0]})
     res = settle({"validation": val, "test": test}, cfg)
     assert res["tuned_on"] == "validation"
     # validation: p_mem > p_lm everywhere, so the largest swept lambda wins; kNN worse than the LM: lambda 0
-    assert res["settings"]["memory"] == {"lam": 0.75}
+    # (refinement walks λ up to the grid's end, 0.75; beyond it the grid stops and the edge is reported)
+    assert res["settings"]["memory"] == {"lam": 0.75, "T_mem": 1.0}
+    assert res["edges"]["memory"] == ["lam"]
     assert res["settings"]["knn"]["lam"] == 0.0
     t = res["splits"]["test"]["systems"]
-    assert t["memory"]["ppl"] == pytest.approx(ppl(mix2(test.lm, test.mem, 0.75)))
+    assert t["memory"]["ppl"] == pytest.approx(ppl(mix2(test.lm, test.mem[0], 0.75)))
     assert t["memory"]["ppl"] > t["base"]["ppl"]  # reported at the validation setting, not re-tuned on test
     assert t["base"]["ppl"] == pytest.approx(1 / 0.3)
-    assert t["memory alone"] == {"lam": 1.0, "ppl": pytest.approx(100.0)}
+    assert t["memory alone"] == {"lam": 1.0, "T_mem": 1.0, "ppl": pytest.approx(100.0)}
     mk = res["settings"]["memory+knn"]
     assert t["memory+knn"]["ppl"] == pytest.approx(
-        ppl(mix3(test.lm, test.mem, test.knn[[1.0, 8.0].index(mk["T"])], mk["lam_mem"], mk["lam_knn"])))
+        ppl(mix3(test.lm, test.mem[0], test.knn[[1.0, 8.0].index(mk["T"])], mk["lam_mem"], mk["lam_knn"])))
     assert res["splits"]["test"]["tokens"] == 100 and res["splits"]["validation"]["tokens"] == 200
-    # every validation row of the sweep is consistent with the chosen minimum
-    assert min(r["ppl"] for r in res["sweeps"]["validation"]["memory"]) == \
-        res["splits"]["validation"]["systems"]["memory"]["ppl"]
+    # the refined choice is at least as good as every row of the grid
+    assert min(r["ppl"] for r in res["sweeps"]["validation"]["memory"]) >= \
+        res["splits"]["validation"]["systems"]["memory"]["ppl"] - 1e-12
 
 
 def test_settle_picks_knn_temperature_on_validation():
@@ -230,6 +238,7 @@ def test_settle_picks_knn_temperature_on_validation():
     cfg = load_config(None, {"eval.lambdas": [0.0, 0.5, 1.0], "eval.knn_temperatures": [1.0, 4.0, 16.0]})
     res = settle({"validation": val, "test": test}, cfg)
     assert res["settings"]["knn"] == {"lam": 1.0, "T": 4.0}
+    assert res["edges"] == {}  # T inside its grid, λ at its natural bound 1
     assert res["splits"]["test"]["systems"]["knn"]["ppl"] == pytest.approx(1 / 0.7)
     assert "memory" not in res["settings"] and "memory alone" not in res["settings"]
 
@@ -237,21 +246,23 @@ def test_settle_picks_knn_temperature_on_validation():
 def test_fixed_lambda_outside_the_sweep_is_used():
     rng = np.random.default_rng(4)
     sc = {s: _scored_with_known_optimum(rng, 80, 0.5) for s in ("validation", "test")}
-    cfg = load_config(None, {"eval.lam": 0.33, "eval.lambdas": [0.0, 0.5], "eval.knn_temperatures": [1.0, 8.0]})
+    cfg = load_config(None, {"eval.lam": 0.33, "eval.lambdas": [0.0, 0.5], "eval.knn_temperatures": [1.0, 8.0],
+                             "eval.memory_temperatures": [1.0]})
     res = settle(sc, cfg)
-    assert res["settings"]["memory"] == {"lam": 0.33}
+    assert res["settings"]["memory"] == {"lam": 0.33, "T_mem": 1.0}
     assert res["settings"]["knn"]["lam"] == 0.33
     for split, s in sc.items():
         got = res["splits"][split]["systems"]
-        assert got["memory"]["ppl"] == pytest.approx(ppl(mix2(s.lm, s.mem, 0.33)))
+        assert got["memory"]["ppl"] == pytest.approx(ppl(mix2(s.lm, s.mem[0], 0.33)))
         # the memory alone is reported even though 1.0 is not among the lambdas
-        assert got["memory alone"]["ppl"] == pytest.approx(ppl(s.mem))
+        assert got["memory alone"]["ppl"] == pytest.approx(ppl(s.mem[0]))
 
 
 def test_sweep_covers_the_grid():
     rng = np.random.default_rng(5)
     sc = _scored_with_known_optimum(rng, 30, 0.3)
-    cfg = load_config(None, {"eval.lambdas": [0.0, 0.25, 0.5, 1.0], "eval.knn_temperatures": [1.0, 2.0]})
+    cfg = load_config(None, {"eval.lambdas": [0.0, 0.25, 0.5, 1.0], "eval.knn_temperatures": [1.0, 2.0],
+                             "eval.memory_temperatures": [1.0]})
     sw = sweep(sc, cfg)
     assert len(sw["knn"]) == 8 and len(sw["memory"]) == 4
     # memory+knn: both weights > 0 and summing to <= 1
@@ -259,7 +270,58 @@ def test_sweep_covers_the_grid():
                                                                        (0.5, 0.5)}
     assert sw["memory"][0]["ppl"] == pytest.approx(sw["base"][0]["ppl"])  # lambda 0 is the base LM exactly
     with pytest.raises(ValueError, match="knn_temperatures"):
-        sweep(sc, load_config(None, {"eval.knn_temperatures": [1.0]}))
+        sweep(sc, load_config(None, {"eval.knn_temperatures": [1.0], "eval.memory_temperatures": [1.0]}))
+    with pytest.raises(ValueError, match="memory_temperatures"):
+        sweep(sc, load_config(None, {"eval.knn_temperatures": [1.0, 2.0]}))  # 5 memory temperatures by default
+
+
+def test_lambda_is_refined_between_grid_points():
+    """p_mem(gold) = 2 p_lm(gold) / (1 + ...) built so the optimum sits at λ = 0.3, between grid points 0.25, 0.5."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    p_lm = rng.uniform(0.05, 0.5, n)
+    good = rng.uniform(size=n) < 0.3  # the memory is sure and right on 30% of tokens, useless on the others
+    p_mem = np.where(good, 1.0, 1e-9)
+    sc = Scored(lm=np.log(p_lm), mem=np.log(p_mem)[None])
+    cfg = load_config(None, {"eval.lambdas": [0.0, 0.25, 0.5, 1.0], "eval.memory_temperatures": [1.0]})
+    res = settle({"validation": sc}, cfg)
+    lam = res["settings"]["memory"]["lam"]
+    # the exact optimum of mean log((1 - λ) p + λ [good]) has λ* ≈ fraction of good tokens
+    grid = np.round(np.arange(0, 1.0001, 0.001), 3)
+    exact = grid[np.argmin([ppl(mix2(sc.lm, sc.mem[0], x)) for x in grid])]
+    assert lam not in (0.25, 0.5) and abs(lam - exact) <= 0.01, (lam, exact)
+
+
+def test_temperature_on_the_edge_of_its_grid_is_reported():
+    n = 200
+    lm_lp = np.log(np.full(n, 0.2))
+    knn = np.stack([np.log(np.full(n, 0.9)), np.log(np.full(n, 0.5))])  # the sharpest T (first) is best
+    cfg = load_config(None, {"eval.lambdas": [0.0, 0.5, 1.0], "eval.knn_temperatures": [0.5, 1.0]})
+    res = settle({"validation": Scored(lm=lm_lp, knn=knn)}, cfg)
+    assert res["settings"]["knn"]["T"] == 0.5 and res["edges"] == {"knn": ["T"]}
+
+
+def test_doc_ids_follow_the_gold_token():
+    offsets = np.array([0, 3, 5, 9])  # docs [0,3), [3,5), [5,9) of a 9-token stream: 8 scored positions
+    assert doc_ids_of(offsets, 8).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_bootstrap_intervals():
+    rng = np.random.default_rng(1)
+    docs = np.repeat(np.arange(50), 20)
+    base = np.log(rng.uniform(0.05, 0.3, docs.size))
+    same = base.copy()
+    better = base + np.log(1.2)  # 20% more probability on every gold token: PPL -16.7% exactly
+    noisy = base + rng.normal(0, 0.3, docs.size)  # no systematic change
+    ci = bootstrap_changes({"base": base, "same": same, "better": better, "noisy": noisy}, docs,
+                           [("same", "base"), ("better", "base"), ("noisy", "base"), ("better", "same")])
+    assert ci[("same", "base")]["ci95"] == [0.0, 0.0] and not ci[("same", "base")]["excludes_zero"]
+    b = ci[("better", "base")]
+    assert b["change"] == pytest.approx(1 / 1.2 - 1) and b["excludes_zero"]
+    assert b["ci95"][0] <= b["change"] <= b["ci95"][1]
+    nz = ci[("noisy", "base")]
+    assert nz["ci95"][0] < nz["change"] < nz["ci95"][1] and nz["ci95"][1] - nz["ci95"][0] > 0.005
+    assert b["documents"] == 50
 
 
 @pytest.mark.parametrize("rows,sub", [(256, 32), (7, 3), (5, 5), (1, 1)])
@@ -276,4 +338,4 @@ def test_gold_logprobs_in_chunks_equals_full_log_softmax(rows, sub):
     mem = MLPMemory(MLPMemoryConfig(family="llama", input_size=16, hidden_size=16, intermediate_size=32,
                                     num_blocks=2, vocab_size=301)).eval()
     ref = torch.log_softmax(mem(h).float() / 2.0, -1).gather(-1, gold[:, None])[:, 0]
-    torch.testing.assert_close(memory_logprobs_at(mem, h, gold, 2.0), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(memory_logprobs_at(mem, h, gold, [2.0])[0], ref, rtol=0, atol=1e-5)

@@ -58,5 +58,5 @@ def test_eval_resumes_from_saved_scores(tmp_path, monkeypatch, capsys):
     # a changed setting changes the fingerprint: the saved scores are not reused
     (ev / "manifest.json").unlink()
     capsys.readouterr()
-    assert main(["eval", "--config", str(tmp_path / "cfg.yaml"), "--memory.temperature", "2.0"]) == 1
+    assert main(["eval", "--config", str(tmp_path / "cfg.yaml"), "--eval.memory_temperatures", "1.0,2.0"]) == 1
     assert "internal error (AssertionError: scored again)" in capsys.readouterr().err

@@ -161,8 +161,9 @@ class IndexConfig:
 class KnnConfig:
     k: int = opt(1024, "Neighbours retrieved per query.")
     temperature: float = opt(16.0, "Softmax temperature over -distance for the training targets.")
-    distances: str = opt("index", "'index': distances as the index returns them (PQ-approximate for IVFPQ); "
-                         "'exact': recomputed from the stored fp16 keys.", ("index", "exact"))
+    distances: str = opt("exact", "'exact': distances of the retrieved keys recomputed from the stored fp16 keys (a "
+                         "re-rank; the original kNN-LM's setting); 'index': as the index returns them "
+                         "(PQ-approximate for IVFPQ, cheaper).", ("index", "exact"))
     store_ids: int = opt(128, "Distinct token ids stored per position (most probable first; the dropped mass is "
                          "reported and the kept probabilities renormalised). >= k keeps everything.")
     query_batch: int = opt(2048, "Queries per search call.")
@@ -184,7 +185,8 @@ class MemoryConfig:
     dropout: float = opt(0.1, "Dropout in training (GPT-2 family blocks).")
     init_head: str = opt("random", "'random' (normal 0.02) or 'lm': copy the base LM's output embedding and "
                          "final norm.", ("random", "lm"))
-    temperature: float = opt(1.0, "Softmax temperature of the memory's logits at inference.")
+    temperature: float = opt(1.0, "Softmax temperature of the memory's logits at inference when no evaluation has "
+                             "tuned one (eval tunes it over --eval.memory_temperatures).")
 
     def validate(self, p: str) -> None:
         for n in ("num_blocks", "hidden_size", "intermediate_size"):
@@ -232,13 +234,17 @@ class EvalConfig:
                              "(those whose artifacts are missing are skipped with a warning).")
     lambdas: list[float] = opt([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0],
                                "Interpolation weights swept on validation.")
-    knn_temperatures: list[float] = opt([1.0, 4.0, 8.0, 16.0, 32.0], "kNN-LM temperatures swept on validation.")
+    knn_temperatures: list[float] = opt([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                                        "kNN-LM temperatures swept on validation (a tuned value on an edge is "
+                                        "reported: widen the grid).")
+    memory_temperatures: list[float] = opt([0.5, 0.75, 1.0, 1.5, 2.0], "Memory inference temperatures swept on "
+                                           "validation (each costs one more log-softmax per token).")
     knn_k: int | None = opt(None, "Neighbours for kNN-LM evaluation; None: --knn.k.")
     lam: float | None = opt(None, "Fix lambda instead of tuning it on validation.")
     out_name: str = opt("eval", "Sub-directory of the run dir for results.")
 
     def validate(self, p: str) -> None:
-        for n in ("splits", "systems", "lambdas", "knn_temperatures"):
+        for n in ("splits", "systems", "lambdas", "knn_temperatures", "memory_temperatures"):
             _check(len(getattr(self, n)) > 0, f"{p}.{n}", "must list at least one value")
         _check(self.knn_k is None or self.knn_k >= 1, f"{p}.knn_k", f"must be >= 1 or null, got {self.knn_k}")
         _check(bool(self.out_name) and "/" not in self.out_name and self.out_name not in (".", ".."),
@@ -250,6 +256,10 @@ class EvalConfig:
         for lam in self.lambdas:
             _check(0.0 <= lam <= 1.0, f"{p}.lambdas", f"each must be in [0, 1], got {lam}")
         _check(all(t > 0 for t in self.knn_temperatures), f"{p}.knn_temperatures", "must be > 0")
+        _check(all(t > 0 for t in self.memory_temperatures), f"{p}.memory_temperatures", "must be > 0")
+        for n in ("knn_temperatures", "memory_temperatures"):
+            v = getattr(self, n)
+            _check(len(set(v)) == len(v), f"{p}.{n}", f"must not repeat a value, got {v}")
         _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
 
 

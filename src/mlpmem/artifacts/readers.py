@@ -56,6 +56,13 @@ def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> 
     return tokens, m
 
 
+def load_offsets(run_dir: Path, split: str) -> np.ndarray:
+    """int64 (n_docs + 1,): where each document of a prepared split starts in its stream, then the stream length."""
+    m = verify_chain(run_dir, DATA, "prepare")
+    return np.asarray(load_npy(Path(run_dir) / DATA / split / "offsets.npy", np.int64,
+                               m["counts"][split]["documents"] + 1))
+
+
 # ----------------------------------------------------------------------------- base model
 
 def base_model(cfg) -> tuple:
@@ -236,3 +243,10 @@ def tuned_memory_lambda(run_dir: Path, out_name: str) -> float | None:
     res = load_eval_results(run_dir, out_name)
     lam = ((res or {}).get("settings") or {}).get("memory", {}).get("lam")
     return float(lam) if lam is not None and math.isfinite(lam) else None
+
+
+def tuned_memory_temperature(run_dir: Path, out_name: str) -> float | None:
+    """The memory's inference temperature tuned by `eval` on validation, or None."""
+    res = load_eval_results(run_dir, out_name)
+    t = ((res or {}).get("settings") or {}).get("memory", {}).get("T_mem")
+    return float(t) if t is not None else None

@@ -23,24 +23,48 @@ def _fmt_params(n: int | None) -> str:
     return "-" if not n else (f"{n / 1e6:.1f}M" if n >= 1e5 else str(n))
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
 def results_table(results: dict) -> str:
-    """Markdown table: one row per system with its setting, params, storage, perplexities and tokens/s."""
+    """Markdown table: one row per system with its setting, params, storage, perplexities (change against the base
+    LM with its 95% bootstrap interval over documents) and tokens/s; then the paired comparisons, each marked as
+    an ordering only when its interval excludes zero, and any tuned value on the edge of its grid."""
     splits = list(results["splits"])
-    header = ["system", "setting", "params", "storage"] + [f"{s} PPL" for s in splits] + ["tokens/s"]
+    header = ["system", "setting", "params", "storage"] + [f"{s} PPL (vs base, 95% CI)" for s in splits] + \
+        ["tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = {s: results["splits"][s]["systems"].get("base", {}).get("ppl") for s in splits}
     meta = results.get("systems_meta", {})
+    edges = results.get("edges", {})
     for system, setting in results["settings"].items():
         st = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "-"
+        if system in edges:
+            st += f" (edge: {', '.join(edges[system])})"
         m = meta.get(system, {})
         row = [system, st, _fmt_params(m.get("params")), _fmt_bytes(m.get("storage_bytes"))]
         for s in splits:
-            p = results["splits"][s]["systems"].get(system, {}).get("ppl")
-            rel = f" ({100 * (p / base[s] - 1):+.1f}%)" if p and base[s] and system != "base" else ""
-            row.append(f"{p:.3f}{rel}" if p else "-")
+            r = results["splits"][s]["systems"].get(system, {})
+            p, vs = r.get("ppl"), r.get("vs_base")
+            if p is None:
+                row.append("-")
+            elif vs:
+                lo, hi = vs["ci95"]
+                row.append(f"{p:.3f} ({_pct(vs['change'])}% [{_pct(lo)}, {_pct(hi)}])")
+            else:
+                row.append(f"{p:.3f}")
         tps = m.get("tokens_per_s")
         row.append(f"{tps:,.0f}" if tps else "-")
         lines.append("| " + " | ".join(row) + " |")
+    notes = []
+    for s in splits:
+        for name, c in results["splits"][s].get("comparisons", {}).items():
+            lo, hi = c["ci95"]
+            verdict = ("better" if c["change"] < 0 else "worse") if c["excludes_zero"] else "no clear difference"
+            notes.append(f"- {s}: {name}: {_pct(c['change'])}% PPL [{_pct(lo)}, {_pct(hi)}] over "
+                         f"{c['documents']} documents: {verdict}")
+    if notes:
+        lines += ["", "Paired bootstrap (95% CI over documents):"] + notes
     return "\n".join(lines)
 
 
@@ -62,8 +86,9 @@ def plot_lambda(results: dict, path: Path) -> None:
             rows = sorted((r for r in sw["knn"] if r["T"] == T), key=lambda r: r["lam"])
             ax.plot([r["lam"] for r in rows], [r["ppl"] for r in rows], "o-", label=f"+ kNN-LM (T={T:g})")
         if "memory" in sw:
-            rows = sorted(sw["memory"], key=lambda r: r["lam"])
-            ax.plot([r["lam"] for r in rows], [r["ppl"] for r in rows], "s-", label="+ MLP memory")
+            Tm = results["settings"]["memory"].get("T_mem")
+            rows = sorted((r for r in sw["memory"] if r.get("T_mem") == Tm), key=lambda r: r["lam"])
+            ax.plot([r["lam"] for r in rows], [r["ppl"] for r in rows], "s-", label=f"+ MLP memory (T={Tm:g})")
         ax.set_xlabel("lambda")
         ax.set_ylabel("perplexity")
         ax.set_title(split)

@@ -1,4 +1,4 @@
-"""Stage `eval`: token-level sliding-window perplexity of the base LM, kNN-LM, the memory, and their mixtures.
+"""Token-level sliding-window scoring of the base LM, the memory and kNN-LM in one pass (the `eval` stage's core).
 
 One forward pass of the base LM per window serves every system: for each scored position we keep only
 log p(gold) of each system (the LM, the memory at its temperature, the kNN distribution at each swept
@@ -6,8 +6,8 @@ temperature). Perplexity of any mixture then follows exactly from those numbers,
 
     log p_mix(gold) = logaddexp(log(1 - lam) + log p_LM(gold), log lam + log p_other(gold)),
 
-so the lambda / temperature sweeps cost nothing extra and no (N, V) array is ever kept. Lambdas are tuned on
-validation and reported on test.
+so the lambda / temperature sweeps (:mod:`mlpmem.components.tuning`) cost nothing extra and no (N, V) array is
+ever kept.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ import torch
 from mlpmem.config import Config
 from mlpmem.errors import ConfigError
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
-from mlpmem.components.interpolate import mix3
-from mlpmem.components.interpolate import perplexity as ppl  # from gold log-probs
-from mlpmem.components.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.components.lm import LoadedLM
 
 log = logging.getLogger(__name__)
@@ -39,7 +36,7 @@ class Scored:
     """Per-position log-probabilities of the gold token, for one split (M scored positions)."""
 
     lm: np.ndarray                       # (M,) float64, base LM
-    mem: np.ndarray | None = None        # (M,) float64, memory alone
+    mem: np.ndarray | None = None        # (n_Tm, M) float64, memory alone per inference temperature
     knn: np.ndarray | None = None        # (n_T, M) float64, kNN distribution per temperature
     seconds: dict = field(default_factory=dict)  # time spent per component: lm, memory, knn
 
@@ -60,7 +57,7 @@ class Scored:
         for p in parts:
             for k, v in p.seconds.items():
                 secs[k] = secs.get(k, 0.0) + v
-        return Scored(lm=cat("lm"), mem=cat("mem"), knn=cat("knn", axis=1), seconds=secs)
+        return Scored(lm=cat("lm"), mem=cat("mem", axis=1), knn=cat("knn", axis=1), seconds=secs)
 
 
 GOLD_ROWS, GOLD_SUB = 256, 32  # gold_logprobs' CPU chunks (scripts/profile_eval.py times other values)
@@ -68,8 +65,9 @@ GOLD_ROWS_CUDA = 2048  # on GPUs small chunks would only add kernel launches: he
 
 
 def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None, rows: int | None = None,
-                  sub: int | None = None) -> torch.Tensor:
+                  sub: int | None = None, transforms: list | None = None) -> torch.Tensor:
     """log softmax(transform(head(hidden)))[gold] for (M, d) hidden states: (M,) float32, no (M, V) tensor kept.
+    With ``transforms`` (a list, e.g. one temperature each): (len(transforms), M), the head run once.
 
     The head runs on ``rows`` rows at a time (large enough for an efficient matmul) and the float32
     log-softmax on ``sub`` rows at a time: small buffers the allocator reuses and the cache holds. On CPUs this
@@ -79,16 +77,17 @@ def gold_logprobs(head, hidden: torch.Tensor, gold: torch.Tensor, transform=None
     """
     cuda = hidden.device.type == "cuda"
     rows, sub = rows or (GOLD_ROWS_CUDA if cuda else GOLD_ROWS), sub or (GOLD_ROWS_CUDA if cuda else GOLD_SUB)
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    fns = transforms if transforms is not None else [transform]
+    out = torch.empty((len(fns), hidden.shape[0]), dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], rows):
         z = head(hidden[i:i + rows])
         for j in range(0, z.shape[0], sub):
-            zs = z[j:j + sub].float()
-            if transform is not None:
-                zs = transform(zs)
-            g = gold[i + j:i + j + zs.shape[0], None]
-            out[i + j:i + j + zs.shape[0]] = zs.gather(-1, g)[:, 0] - torch.logsumexp(zs, -1)
-    return out
+            z32 = z[j:j + sub].float()
+            g = gold[i + j:i + j + z32.shape[0], None]
+            for t, fn in enumerate(fns):
+                zs = z32 if fn is None else fn(z32)
+                out[t, i + j:i + j + zs.shape[0]] = zs.gather(-1, g)[:, 0] - torch.logsumexp(zs, -1)
+    return out if transforms is not None else out[0]
 
 
 def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -98,14 +97,15 @@ def head_logprobs_at(model, final_hidden: torch.Tensor, gold: torch.Tensor) -> t
     return gold_logprobs(model.get_output_embeddings(), final_hidden, gold, transform)
 
 
-def memory_logprobs_at(memory, keys: torch.Tensor, gold: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(memory(keys) / T)[gold], (M,) float32, computed like head_logprobs_at. An MLPMemory runs its
-    blocks once and its head in chunks; any other module mapping keys to logits is applied in chunks whole."""
-    transform = None if temperature == 1.0 else (lambda z: z / temperature)
+def memory_logprobs_at(memory, keys: torch.Tensor, gold: torch.Tensor, temperatures=(1.0,)) -> torch.Tensor:
+    """log softmax(memory(keys) / T)[gold] per temperature, (n_T, M) float32, computed like head_logprobs_at. An
+    MLPMemory runs its blocks once and its head in chunks (once for all temperatures); any other module mapping
+    keys to logits is applied in chunks whole."""
+    fns = [None if T == 1.0 else (lambda z, T=T: z / T) for T in temperatures]
     keys = keys.to(next(memory.parameters()).dtype)
     if hasattr(memory, "features") and hasattr(memory, "head"):
-        return gold_logprobs(memory.head, memory.features(keys), gold, transform)
-    return gold_logprobs(memory, keys, gold, transform)
+        return gold_logprobs(memory.head, memory.features(keys), gold, transforms=fns)
+    return gold_logprobs(memory, keys, gold, transforms=fns)
 
 
 def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
@@ -128,7 +128,7 @@ def _check_model(model, base, tokens: np.ndarray, longest: int, dev) -> None:
 
 
 def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, batch_size: int,
-                 hook=None, memory=None, mem_temperature: float = 1.0, knn_scorer: KnnScorer | None = None,
+                 hook=None, memory=None, mem_temperatures=(1.0,), knn_scorer: KnnScorer | None = None,
                  desc: str = "eval", shard: tuple[int, int] = (0, 1)) -> Scored:
     """Score every position of a token stream once with sliding windows; return per-position gold log-probs.
 
@@ -177,7 +177,7 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
             t1 = time.perf_counter()
             secs["lm"] += t1 - t0
             if memory is not None:
-                mem_lp.append(memory_logprobs_at(memory, keys, gold, mem_temperature).double().cpu().numpy())
+                mem_lp.append(memory_logprobs_at(memory, keys, gold, mem_temperatures).double().cpu().numpy())
                 t2 = time.perf_counter()
                 secs["memory"] += t2 - t1
                 t1 = t2
@@ -188,70 +188,5 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
             bar.set_postfix(tok_s=f"{bar.n / max(sum(secs.values()), 1e-9):.0f}")
     bar.close()
     return Scored(lm=np.concatenate(lm_lp) if lm_lp else np.zeros(0),
-                  mem=np.concatenate(mem_lp) if mem_lp else None,
+                  mem=np.concatenate(mem_lp, axis=1) if mem_lp else None,
                   knn=np.concatenate(knn_lp, axis=1) if knn_lp else None, seconds=secs)
-
-
-# ----------------------------------------------------------------------------- perplexity from gold log-probs
-
-def sweep(scored: Scored, cfg: Config) -> dict:
-    """Perplexity of every system at every swept setting: {system: [{"lam":..,"T":..,"ppl":..}, ...]}."""
-    e = cfg.eval
-    # a fixed --eval.lam is always evaluated, even when it is not in the swept list
-    lambdas = sorted(set(e.lambdas) | ({e.lam} if e.lam is not None else set()))
-    out: dict[str, list[dict]] = {"base": [{"ppl": ppl(scored.lm)}]}
-    if scored.knn is not None and scored.knn.shape[0] != len(e.knn_temperatures):
-        raise ValueError(f"--eval.knn_temperatures lists {len(e.knn_temperatures)} temperatures but the kNN scores "
-                         f"have {scored.knn.shape[0]}")
-    if scored.knn is not None:
-        out["knn"] = [{"lam": lam, "T": T, "ppl": ppl(mix2(scored.lm, scored.knn[i], lam))}
-                      for i, T in enumerate(e.knn_temperatures) for lam in lambdas]
-    if scored.mem is not None:
-        out["memory"] = [{"lam": lam, "ppl": ppl(mix2(scored.lm, scored.mem, lam))} for lam in lambdas]
-    if scored.mem is not None and scored.knn is not None:
-        rows = []
-        for i, T in enumerate(e.knn_temperatures):
-            for lm_ in e.lambdas:
-                for lk in e.lambdas:
-                    if lm_ + lk <= 1.0 + 1e-9 and lm_ > 0 and lk > 0:
-                        rows.append({"lam_mem": lm_, "lam_knn": lk, "T": T,
-                                     "ppl": ppl(mix3(scored.lm, scored.mem, scored.knn[i], lm_, lk))})
-        out["memory+knn"] = rows
-    return out
-
-
-def best(rows: list[dict]) -> dict:
-    return min(rows, key=lambda r: r["ppl"])
-
-
-def settle(scored_by_split: dict[str, Scored], cfg: Config) -> dict:
-    """Tune each system's settings on validation (or use --eval.lam) and report every split at those settings."""
-    sweeps = {s: sweep(sc, cfg) for s, sc in scored_by_split.items()}
-    tune_split = "validation" if "validation" in sweeps else next(iter(sweeps))
-    if tune_split != "validation" and len(sweeps[tune_split]) > 1:
-        log.warning("no validation split scored: settings are tuned on %r, which is then not held out", tune_split)
-    chosen = {}
-    for system, rows in sweeps[tune_split].items():
-        if system == "base":
-            chosen[system] = {}
-            continue
-        cand = rows
-        if cfg.eval.lam is not None and system in ("knn", "memory"):
-            cand = [r for r in rows if abs(r["lam"] - cfg.eval.lam) < 1e-9]  # sweep() always includes it
-        pick = best(cand)
-        chosen[system] = {k: v for k, v in pick.items() if k != "ppl"}
-    if "memory" in sweeps[tune_split]:
-        chosen["memory alone"] = {"lam": 1.0}
-    results = {}
-    for split, sc in scored_by_split.items():
-        res = {}
-        for system, setting in chosen.items():
-            if system == "memory alone":  # not necessarily in the sweep (1.0 may not be among the lambdas)
-                res[system] = {**setting, "ppl": ppl(sc.mem)}
-                continue
-            rows = sweeps[split][system]
-            match = [r for r in rows if all(abs(r.get(k, 0) - v) < 1e-9 for k, v in setting.items())]
-            assert match, (system, setting)  # every split is swept over the same grid
-            res[system] = {**setting, "ppl": match[0]["ppl"]}
-        results[split] = {"tokens": sc.n, "systems": res, "seconds": sc.seconds}
-    return {"tuned_on": tune_split, "settings": chosen, "splits": results, "sweeps": sweeps}

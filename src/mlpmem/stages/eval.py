@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, base_model, invalidate, is_complete, load_memory, \
-    load_split, open_index, should_skip, verify_chain, write_manifest
+from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, base_model, invalidate, is_complete, \
+    load_memory, load_offsets, load_split, open_index, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.knn import knn_scorer
 from mlpmem.components.lm import load_lm
 from mlpmem.components.report import plot_lambda, plot_training, results_table
-from mlpmem.components.scoring import Scored, score_tokens, settle
+from mlpmem.components.scoring import Scored, score_tokens
+from mlpmem.components.tuning import doc_ids_of, settle
 from mlpmem.config import Config
 from mlpmem.errors import StageError
 from mlpmem.files import atomic_file, atomic_write_json, atomic_write_text, fingerprint
@@ -48,7 +49,7 @@ def run(cfg: Config) -> dict:
         scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
         upstream.update(knn_meta.get("upstream", {}))
     fp = fingerprint("eval", upstream, lm.identity["fingerprint"], cfg.to_dict()["eval"], cfg.to_dict()["window"],
-                     cfg.model.dtype, knn_meta.get("settings"), cfg.memory.temperature)
+                     cfg.model.dtype, knn_meta.get("settings"), cfg.seed)
     dist = dist_info()
     done = should_skip(out, "eval", fp, cfg.force, upstream)
     if done:
@@ -67,7 +68,7 @@ def run(cfg: Config) -> dict:
             t0 = time.time()
             sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
                               hook=hook if (memory is not None or scorer is not None) else None, memory=memory,
-                              mem_temperature=cfg.memory.temperature, knn_scorer=scorer, desc=f"eval {split}",
+                              mem_temperatures=cfg.eval.memory_temperatures, knn_scorer=scorer, desc=f"eval {split}",
                               shard=(dist.rank, dist.world_size))
             log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
             _save_scores(mine, sc, fp)
@@ -80,7 +81,8 @@ def run(cfg: Config) -> dict:
     if dist.world_size > 1:
         scored = {split: Scored.join([_load_scores(_scores_path(out, split, r, dist.world_size), fp, strict=True)
                                       for r in range(dist.world_size)]) for split in cfg.eval.splits}
-    results = settle(scored, cfg)
+    docs = {split: doc_ids_of(load_offsets(cfg.run_dir, split), sc.n) for split, sc in scored.items()}
+    results = settle(scored, cfg, docs)
     results["fingerprint"] = fp  # ties results.json to the manifest written after it
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
     results["model"] = lm.identity

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from mlpmem.artifacts import base_model, load_memory, tuned_memory_lambda
+from mlpmem.artifacts import base_model, load_memory, tuned_memory_lambda, tuned_memory_temperature
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.joint import attach_memory
 from mlpmem.components.lm import LoadedLM, load_lm
@@ -49,7 +49,8 @@ def run(cfg: Config) -> dict:
     lam = tuned_lambda(cfg)
     torch.manual_seed(cfg.seed)
     base = generate_texts(lm, cfg.generate.prompts, cfg) if cfg.generate.side_by_side else None
-    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=cfg.memory.temperature)
+    temperature = tuned_memory_temperature(cfg.run_dir, cfg.eval.out_name) or cfg.memory.temperature
+    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=temperature)
     try:
         torch.manual_seed(cfg.seed)
         joint = generate_texts(lm, cfg.generate.prompts, cfg)
