@@ -10,7 +10,8 @@ import mlpmem.components.knn as knn
 from mlpmem.components.index import build_index
 from mlpmem.components.knn import (compute_targets, knn_gold_logprobs, leave_one_out_mask, neighbour_weights,
                         recompute_distances, renormalise_float16, sparse_knn_distribution)
-from mlpmem.files import Progress, create_memmap
+from mlpmem.components.sparse import CsrRows, CsrSink, FixedWidthSink
+from mlpmem.files import Progress
 
 
 
@@ -75,8 +76,9 @@ def test_duplicate_key_is_kept_in_targets(tmp_path):
     vals[17], vals[5] = 99, 98  # tokens nobody else has
     index = build_index(keys, "Flat", N, N, 0, use_gpu="no", progress=False)
     out_ids, out_probs = np.zeros((N, 4), np.int32), np.zeros((N, 4), np.float16)
-    stats = compute_targets(index, keys, vals, out_ids, out_probs, k=4, temperature=1.0, distances="exact",
-                            query_batch=64, progress=Progress(tmp_path / "p.json", "x"), show_progress=False)
+    stats = compute_targets(index, keys, vals, FixedWidthSink(out_ids, out_probs), k=4, temperature=1.0,
+                            distances="exact", query_batch=64, progress=Progress(tmp_path / "p.json", "x"),
+                            show_progress=False)
     # at distance 0 the duplicate dominates: row 5's target is its twin's token, and vice versa
     assert out_ids[5, 0] == 99 and out_probs[5, 0] > 0.99
     assert out_ids[17, 0] == 98 and out_probs[17, 0] > 0.99
@@ -178,10 +180,10 @@ def store(tmp_path_factory):
 
 
 def _run(store, out_dir, k=16, K=12, fail_on_call=None, monkeypatch=None, distances="index"):
+    """compute_targets into a CSR set in out_dir (offsets.npy, ids.npy, probs.npy), at most K ids per row."""
     shards, vals, index = store
     N = index.ntotal
-    out_ids = create_memmap(out_dir / "ids.npy", np.int32, (N, K))
-    out_probs = create_memmap(out_dir / "probs.npy", np.float16, (N, K))
+    sink = CsrSink(out_dir, "", N)
     progress = Progress(out_dir / "progress.json", fp="test")
     if fail_on_call is not None:
         calls = {"n": 0}
@@ -195,12 +197,19 @@ def _run(store, out_dir, k=16, K=12, fail_on_call=None, monkeypatch=None, distan
 
         monkeypatch.setattr(knn, "search", flaky)
     try:
-        return compute_targets(index, shards, vals, out_ids, out_probs, k=k, temperature=5.0, distances=distances,
-                               query_batch=500, progress=progress, show_progress=False)
+        stats = compute_targets(index, shards, vals, sink, k=k, temperature=5.0, distances=distances,
+                                query_batch=500, progress=progress, show_progress=False, max_ids=K)
+        sink.close()
+        return stats
     finally:
-        del out_ids, out_probs
         if monkeypatch is not None:
             monkeypatch.undo()
+
+
+def _fixed(out_dir):
+    """The CSR set in out_dir as fixed-width (N, K) arrays padded with -1 / 0."""
+    rows = CsrRows([tuple(np.load(out_dir / f"{n}.npy") for n in ("offsets", "ids", "probs"))])
+    return rows.rows(np.arange(len(rows)))
 
 
 def test_compute_targets_resume_is_byte_identical(store, tmp_path, monkeypatch):
@@ -211,11 +220,11 @@ def test_compute_targets_resume_is_byte_identical(store, tmp_path, monkeypatch):
     assert Progress(cut / "progress.json", fp="test").done == 1000  # two whole blocks were recorded
     resumed = _run(store, cut)
     assert resumed["rows"] == 2000
-    for name in ("ids.npy", "probs.npy"):
+    for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (full / name).read_bytes() == (cut / name).read_bytes(), name
 
-    ids = np.load(full / "ids.npy")
-    probs = np.load(full / "probs.npy").astype(np.float64)
+    ids, probs = _fixed(full)
+    probs = probs.astype(np.float64)
     assert np.abs(probs.sum(1) - 1).max() < 1e-3, "fp16 probabilities renormalised"
     assert (probs[ids < 0] == 0).all() and (ids[:, 0] >= 0).all()
     assert stats["rows"] == 3000 and stats["queries_per_s"] > 0
@@ -235,7 +244,8 @@ def test_compute_targets_matches_dense_reference(store, tmp_path):
     D[np.arange(len(rows)), rows] = np.inf  # leave-one-out
     I = np.argsort(D, 1, kind="stable")[:, :16]
     ref = dense_reference(np.take_along_axis(D, I, 1), I, vals, 5.0, None, 50)
-    got = densify(np.load(tmp_path / "ids.npy")[rows], np.load(tmp_path / "probs.npy")[rows].astype(np.float64), 50)
+    ids, probs = _fixed(tmp_path)
+    got = densify(ids[rows], probs[rows].astype(np.float64), 50)
     np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
@@ -243,11 +253,13 @@ def test_compute_targets_subset_rows(store, tmp_path):
     shards, vals, index = store
     rows = np.arange(100, 260)
     out_ids, out_probs = np.zeros((len(rows), 8), np.int32), np.zeros((len(rows), 8), np.float16)
-    compute_targets(index, shards, vals, out_ids, out_probs, k=8, temperature=5.0, distances="exact",
-                    query_batch=64, progress=Progress(tmp_path / "p.json", "sub"), rows=rows, show_progress=False)
+    compute_targets(index, shards, vals, FixedWidthSink(out_ids, out_probs), k=8, temperature=5.0,
+                    distances="exact", query_batch=64, progress=Progress(tmp_path / "p.json", "sub"), rows=rows,
+                    show_progress=False)
     full_ids, full_probs = np.zeros((3000, 8), np.int32), np.zeros((3000, 8), np.float16)
-    compute_targets(index, shards, vals, full_ids, full_probs, k=8, temperature=5.0, distances="exact",
-                    query_batch=1000, progress=Progress(tmp_path / "q.json", "all"), show_progress=False)
+    compute_targets(index, shards, vals, FixedWidthSink(full_ids, full_probs), k=8, temperature=5.0,
+                    distances="exact", query_batch=1000, progress=Progress(tmp_path / "q.json", "all"),
+                    show_progress=False)
     np.testing.assert_array_equal(out_ids, full_ids[rows])
     np.testing.assert_allclose(out_probs.astype(np.float32), full_probs[rows].astype(np.float32), atol=1e-3)
 
@@ -255,6 +267,7 @@ def test_compute_targets_subset_rows(store, tmp_path):
 def test_compute_targets_k_too_large(store, tmp_path):
     shards, vals, index = store
     with pytest.raises(ValueError, match="lower --knn.k"):
-        compute_targets(index, shards, vals, np.zeros((3000, 4), np.int32), np.zeros((3000, 4), np.float16),
+        compute_targets(index, shards, vals, FixedWidthSink(np.zeros((3000, 4), np.int32),
+                                                            np.zeros((3000, 4), np.float16)),
                         k=3001, temperature=1.0, distances="index", query_batch=100,
                         progress=Progress(tmp_path / "p.json", "x"), show_progress=False)

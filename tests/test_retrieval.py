@@ -94,7 +94,7 @@ def test_targets_leave_out_only_the_own_id(assets, base_run):
     rows = np.unique(np.concatenate([rng.choice(dup_rows, 40, replace=False), odd]))
     k, T = cfg.knn.k, cfg.knn.temperature
     D, I = exact_search(ds.keys, keys[rows], k + 1)
-    ids, probs = np.asarray(tg.ids[0])[rows], np.asarray(tg.probs[0])[rows].astype(np.float32)
+    ids, probs = tg.rows.rows(rows)
     n_differs = n_self_differs = 0
     for j, r in enumerate(rows):
         twins = set(np.flatnonzero(inv == inv[r])) - {r}
@@ -123,8 +123,30 @@ def test_validation_targets_search_without_leave_one_out(assets, base_run):
     xq = np.asarray(val.keys[0])
     D, I = exact_search(ds.keys, xq, cfg.knn.k)
     i_ref, p_ref, _ = knn.sparse_knn_distribution(D, I, ds.vals, cfg.knn.temperature, max_ids=cfg.knn.store_ids)
+    ids, probs = tg.rows.rows(ds.n + np.arange(val.n))  # validation rows follow the train rows
     for j in range(val.n):
-        assert_same_dist(as_dist(tg.val_ids[j], tg.val_probs[j].astype(np.float32)), as_dist(i_ref[j], p_ref[j]))
+        assert_same_dist(as_dist(ids[j], probs[j]), as_dist(i_ref[j], p_ref[j]))
+
+
+def test_targets_keep_every_distinct_id_by_default(assets, base_run, tmp_path):
+    """Without --knn.store_ids the rows keep the whole distribution: as many ids as distinct neighbour tokens,
+    probabilities that sum to 1 without renormalisation, nothing dropped, and bytes per position reported."""
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    cfg = config(assets, run, **{"knn.store_ids": None})
+    m = targets.run(cfg)
+    assert m["layout"] == "csr" and m["max_ids"] is None and m["dropped_mass"] == 0.0
+    ds, tg = Datastore(run), TargetStore(run)
+    rows = np.arange(0, ds.n, 37)
+    D, I = exact_search(ds.keys, ds.key_rows(rows), cfg.knn.k + 1)
+    ids, probs = tg.rows.rows(rows)
+    for j, r in enumerate(rows):
+        keep = I[j] != r
+        nbr_tokens = set(ds.vals[I[j][keep][:cfg.knn.k]].tolist())
+        assert set(ids[j][ids[j] >= 0].tolist()) == nbr_tokens
+    assert np.allclose(probs.sum(1), 1.0, atol=2e-3)
+    assert m["mean_distinct_ids"] == pytest.approx(tg.rows.starts[ds.n] / ds.n)  # train rows come first
+    per_id = 6 * m["mean_distinct_ids"]  # int32 id + float16 probability, plus an int64 offset per row
+    assert per_id + 8 < m["bytes_per_position"] < per_id + 8 + 1024 / ds.n
 
 
 def test_ivf_with_full_nprobe_equals_flat_and_reports_recall(assets, base_run, tmp_path):

@@ -10,6 +10,7 @@ from numpy.lib.format import open_memmap
 
 from mlpmem.config import TrainConfig
 from mlpmem.components.memory import MLPMemory, MLPMemoryConfig
+from mlpmem.components.sparse import FixedRows
 from mlpmem.components.trainer import ArraySource, BatchPlan, InputSource, Targets, evaluate, lr_at, train_memory
 
 V, D, K = 99, 32, 8
@@ -35,7 +36,7 @@ def tiny_data(tmp: Path, n: int, seed: int = 0) -> tuple[ArraySource, Targets]:
         p = rng.random(k) ** 2 + 0.05
         probs[i, :k] = p / p.sum()
     labels = ids[:, 0].copy()  # the gold token is among the neighbours' tokens, as usual
-    return ArraySource(keys), Targets(ids, probs, labels)
+    return ArraySource(keys), Targets(FixedRows(ids, probs), labels)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -57,11 +58,11 @@ def test_targets_batch_renormalises(tmp_path) -> None:
     assert x.shape == (3, D) and x.dtype == torch.float32
     ids, probs, labels = tg.batch(pos)
     assert ids.dtype == labels.dtype == torch.int64 and probs.dtype == torch.float32
-    assert torch.equal(ids, torch.from_numpy(tg.ids[pos].astype(np.int64)))
+    assert torch.equal(ids, torch.from_numpy(tg.sparse.ids[pos].astype(np.int64)))
     torch.testing.assert_close(probs.sum(1), torch.ones(3), rtol=0, atol=1e-6)  # float16 sums were off
     assert torch.all(probs[ids < 0] == 0)
     with pytest.raises(ValueError, match="labels"):
-        Targets(tg.ids, tg.probs, tg.labels[:5])
+        Targets(tg.sparse, tg.labels[:5])
 
 
 def test_batch_plan_is_pure_and_covers_each_epoch() -> None:
@@ -155,13 +156,13 @@ def test_validation_picks_the_best_checkpoint(tmp_path) -> None:
     src, tg = tiny_data(tmp_path, 48)
     # validation rows share the train rows' inputs but have other targets: the more the memory fits the train
     # targets, the worse validation gets, so the best checkpoint is an early one, not the last
-    val_tg_ids = np.roll(tg.ids, 1, axis=1)
+    val_tg_ids = np.roll(tg.sparse.ids, 1, axis=1)
     val_tg_ids[val_tg_ids >= 0] = (val_tg_ids[val_tg_ids >= 0] + 50) % V
-    ids = np.concatenate([tg.ids[:24], val_tg_ids[:24]])
-    probs = np.concatenate([tg.probs[:24], tg.probs[:24]])
+    ids = np.concatenate([tg.sparse.ids[:24], val_tg_ids[:24]])
+    probs = np.concatenate([tg.sparse.probs[:24], tg.sparse.probs[:24]])
     labels = np.concatenate([tg.labels[:24], (tg.labels[:24] + 50) % V]).astype(np.int32)
     keys = np.concatenate([src.keys[:24], src.keys[:24]])
-    src, tg = ArraySource(keys), Targets(ids.astype(np.int32), probs, labels)
+    src, tg = ArraySource(keys), Targets(FixedRows(ids.astype(np.int32), probs), labels)
     train, val = np.arange(24), np.arange(24, 48)
 
     m = tiny_memory()

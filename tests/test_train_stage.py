@@ -96,8 +96,7 @@ def _val_loss(cfg, memory):
     ds, val = rows_and_data(cfg)
     tg = TargetStore(cfg.run_dir)
     n_val = tg.n_validation
-    targets = Targets(ConcatRows(tg.ids + [tg.val_ids]), ConcatRows(tg.probs + [tg.val_probs]),
-                      np.concatenate([ds.vals, val.vals[:n_val]]))
+    targets = Targets(tg.rows, np.concatenate([ds.vals, val.vals[:n_val]]))
     source = ArraySource(ConcatRows(ds.keys + val.keys))
     rows = np.arange(ds.n, ds.n + min(n_val, cfg.train.val_positions))
     return evaluate(memory, source, targets, rows, cfg.train)["loss"]

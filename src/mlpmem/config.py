@@ -164,8 +164,9 @@ class KnnConfig:
     distances: str = opt("exact", "'exact': distances of the retrieved keys recomputed from the stored fp16 keys (a "
                          "re-rank; the original kNN-LM's setting); 'index': as the index returns them "
                          "(PQ-approximate for IVFPQ, cheaper).", ("index", "exact"))
-    store_ids: int = opt(128, "Distinct token ids stored per position (most probable first; the dropped mass is "
-                         "reported and the kept probabilities renormalised). >= k keeps everything.")
+    store_ids: int | None = opt(None, "Cap on the distinct token ids stored per position (most probable first; the "
+                                "dropped mass is reported and the rest renormalised, which sharpens the targets). "
+                                "None keeps the whole distribution (variable-length rows).")
     query_batch: int = opt(2048, "Queries per search call.")
     teacher_dir: str | None = opt(None, "Run directory of a teacher model (same tokenizer) whose datastore and index "
                                   "supply the targets; None: this run's own.")
@@ -174,7 +175,7 @@ class KnnConfig:
         _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.query_batch >= 1, f"{p}.query_batch", "must be >= 1")
-        _check(self.store_ids >= 1, f"{p}.store_ids", "must be >= 1")
+        _check(self.store_ids is None or self.store_ids >= 1, f"{p}.store_ids", "must be >= 1 or null")
 
 
 @dataclass

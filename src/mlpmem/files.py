@@ -313,17 +313,64 @@ class Progress:
     def __init__(self, path: str | Path, fp: str):
         self.path = Path(path)
         self.fp = fp
-        self.done = 0
+        self.done, self.state = 0, {}
         d = read_json(self.path)
         if isinstance(d, dict) and d.get("fingerprint") == fp:
             try:
                 self.done = int(d.get("done", 0))
+                self.state = dict(d.get("state") or {})
             except (TypeError, ValueError):
-                self.done = 0
+                self.done, self.state = 0, {}
 
-    def update(self, done: int) -> None:
-        self.done = done
-        atomic_write_json(self.path, {"fingerprint": self.fp, "done": done})
+    def update(self, done: int, state: dict | None = None) -> None:
+        """Record ``done`` units (and the writer's ``state`` at that point, e.g. bytes appended so far)."""
+        self.done, self.state = done, dict(state or {})
+        atomic_write_json(self.path, {"fingerprint": self.fp, "done": done, "state": self.state})
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class AppendableNpy:
+    """A 1-D ``.npy`` file written by appending, for arrays whose length is known only at the end.
+
+    The header is a fixed 128 bytes, rewritten with the final length by :meth:`close`; until then it says length 0,
+    so a reader never takes a half-written file for a whole one (and the stage's manifest is missing anyway).
+    ``keep``: reopen a killed writer's file keeping its first ``keep`` elements (the rest, written after the last
+    recorded progress, is cut); :attr:`resumed` is False when the file was missing or shorter (start over).
+    """
+
+    HEADER = 128
+
+    def __init__(self, path: str | Path, dtype: Any, keep: int = 0):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        want = self.HEADER + keep * self.dtype.itemsize
+        self.resumed = keep > 0 and self.path.is_file() and self.path.stat().st_size >= want
+        self.n = keep if self.resumed else 0
+        self.f = open(self.path, "r+b" if self.resumed else "w+b")
+        self.f.truncate(self.HEADER + self.n * self.dtype.itemsize)
+        if not self.resumed:
+            self._write_header(0)
+        self.f.seek(0, os.SEEK_END)
+
+    def _write_header(self, n: int) -> None:
+        body = "{'descr': %r, 'fortran_order': False, 'shape': (%d,), }" % (self.dtype.str, n)
+        body = body.ljust(self.HEADER - 11) + "\n"
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1"))
+
+    def append(self, arr: np.ndarray) -> None:
+        a = np.ascontiguousarray(arr, dtype=self.dtype).reshape(-1)
+        self.f.write(a.tobytes())
+        self.n += a.size
+
+    def flush(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        """Write the final header (length n) and close: the file is then an ordinary .npy of n elements."""
+        self._write_header(self.n)
+        self.flush()
+        self.f.close()

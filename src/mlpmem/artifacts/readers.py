@@ -147,23 +147,30 @@ def open_index(run_dir: Path, nprobe: int):
 
 # ----------------------------------------------------------------------------- targets
 
+def _csr_set(d: Path, names: dict, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    offsets = load_npy(d / names["offsets"], np.int64, rows + 1)
+    nnz = int(offsets[-1])
+    ids, probs = load_npy(d / names["ids"], np.int32, nnz), load_npy(d / names["probs"], np.float16, nnz)
+    if ids.ndim != 1 or probs.ndim != 1:
+        raise StageError(f"the kNN targets in {d} are not 1-D CSR arrays: rerun `mlpmem knn-targets --force`")
+    return offsets, ids, probs
+
+
 class TargetStore:
-    """Read access to finished targets: (train) shard arrays and the validation arrays."""
+    """Read access to finished targets: the train shards' and the validation positions' CSR sets, in the order of
+    the trainer's row space (train rows, then validation rows), as one :class:`CsrRows`."""
 
     def __init__(self, run_dir: Path):
+        from mlpmem.components.sparse import CsrRows, csr_names
+
         self.dir = Path(run_dir) / TARGETS
         self.manifest = m = verify_chain(run_dir, TARGETS, "knn-targets")
-        K = m["K"]
-        self.ids = [load_npy(self.dir / s["ids"], np.int32, s["stop"] - s["start"]) for s in m["shards"]]
-        self.probs = [load_npy(self.dir / s["probs"], np.float16, s["stop"] - s["start"]) for s in m["shards"]]
-        for a in self.ids + self.probs:
-            if a.ndim != 2 or a.shape[1] != K:
-                raise StageError(f"a target shard in {self.dir} has shape {a.shape}, expected (rows, {K}): "
-                                 "rerun `mlpmem knn-targets --force`")
+        if m.get("layout") != "csr":
+            raise StageError(f"the kNN targets in {self.dir} use an older layout: rerun `mlpmem knn-targets --force`")
+        self.train = [_csr_set(self.dir, s, s["stop"] - s["start"]) for s in m["shards"]]
         self.n_validation = m["validation"]
-        if self.n_validation:
-            self.val_ids = load_npy(self.dir / "validation" / "ids.npy", np.int32, self.n_validation)
-            self.val_probs = load_npy(self.dir / "validation" / "probs.npy", np.float16, self.n_validation)
+        self.val = [_csr_set(self.dir / "validation", csr_names(""), self.n_validation)] if self.n_validation else []
+        self.rows = CsrRows(self.train + self.val)
 
     @property
     def fingerprint(self) -> str:

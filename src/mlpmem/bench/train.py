@@ -201,7 +201,7 @@ def bench_training(cfg: Config, memory, device) -> dict:
     each step's peak memory (probes)."""
     mc = memory.config.to_dict()
     mc["dropout"] = cfg.memory.dropout
-    n, K, V = cfg.train.batch_size, min(cfg.knn.store_ids, cfg.knn.k), memory.config.vocab_size
+    n, K, V = cfg.train.batch_size, cfg.knn.store_ids or min(cfg.knn.k, 256), memory.config.vocab_size  # CSR rows: ~200 distinct ids at k = 1024
     spec = {"memory_config": mc, "batch": n, "K": K, "bf16": cfg.train.bf16, "alpha": cfg.train.alpha,
             "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads()}
     losses = loss_fns()

@@ -201,28 +201,23 @@ def knn_gold_logprobs(D: np.ndarray, I: np.ndarray, vals, gold: np.ndarray, temp
 
 # ----------------------------------------------------------------------------- the targets stage core
 
-def _write_rows(out: np.ndarray, where: np.ndarray, block: np.ndarray) -> None:
-    if _is_range(where):
-        out[where[0]:where[-1] + 1] = block  # contiguous: one slice write
-    else:
-        out[where] = block
-
-
-def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, out_probs: np.ndarray, k: int,
-                    temperature: float, distances: str, query_batch: int, progress: Progress,
-                    rows: np.ndarray | None = None, show_progress: bool = True, queries=None) -> dict:
-    """Fill the sparse kNN targets of the datastore rows ``rows`` (default all N, in order), resumably.
+def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperature: float, distances: str,
+                    query_batch: int, progress: Progress, rows: np.ndarray | None = None, show_progress: bool = True,
+                    queries=None, max_ids: int | None = None) -> dict:
+    """Write the sparse kNN targets of the datastore rows ``rows`` (default all N, in order) to ``sink``, resumably.
 
     index: FAISS index over the same keys (ids = row ids). key_shards: (N, d) float16 keys (array or consecutive
-    shards); query t is key_t itself. vals: (N,) int32. out_ids (R, K) int32 / out_probs (R, K) float16 writable
-    memmaps with R = N (row t -> line t) or R = len(rows) (i-th requested row -> line i).
+    shards); query t is key_t itself. vals: (N,) int32. sink: a :class:`mlpmem.components.sparse.TargetSink`
+    (CSR files, or fixed-width arrays); the i-th requested row is its row i. ``max_ids``: keep only the K most
+    probable distinct ids per row (the dropped mass is reported and the rest renormalised); None keeps them all.
 
     Per block of ``query_batch`` rows: search k + 1 neighbours (the query itself is usually a hit), drop the own
     id (leave-one-out, by id), keep the first k remaining, optionally recompute exact distances
     (``distances='exact'``; 'index' keeps the index's, PQ-approximate for IVFPQ), build the sparse distribution
-    truncated to K, store probs as renormalised float16, flush, then advance ``progress`` (rows done). A killed
-    run resumes at the last finished block and ends byte-identical to an uninterrupted one, provided
-    ``progress``'s fingerprint covers everything that changes results (k, T, distances, query_batch, index, K).
+    (truncated to K if asked), store probs as renormalised float16, flush, then advance ``progress`` (rows done and
+    the sink's state). A killed run resumes at the last finished block and ends byte-identical to an uninterrupted
+    one, provided ``progress``'s fingerprint covers everything that changes results (k, T, distances,
+    query_batch, index, K).
 
     ``queries``: (M, d) keys that are not datastore rows (validation positions); then ``rows`` index them, k
     neighbours are searched and nothing is left out.
@@ -239,13 +234,6 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
     own = queries is None  # queries are datastore rows: leave each one's own id out
     qsrc = keys if own else as_rows(queries)
     rows = np.arange(len(qsrc), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    R, K = out_ids.shape
-    if out_probs.shape != (R, K) or out_ids.dtype != np.int32 or out_probs.dtype != np.float16:
-        raise ValueError(f"out_ids must be int32 (R, K) and out_probs float16 (R, K); got {out_ids.dtype} "
-                         f"{out_ids.shape} and {out_probs.dtype} {out_probs.shape}")
-    if R not in (N, len(rows)):
-        raise ValueError(f"output arrays have {R} rows; expected N={N} or len(rows)={len(rows)}")
-    by_row_id = own and R == N
     if len(as_rows(vals)) != N or index.ntotal != N:
         raise ValueError(f"datastore mismatch: {N} keys, {len(as_rows(vals))} values, index of {index.ntotal}: "
                          "rerun `mlpmem index` on these keys")
@@ -256,6 +244,9 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
     start = progress.done
     if not 0 <= start <= len(rows):
         raise ValueError(f"progress says {start} rows done of {len(rows)}: delete {progress.path} and rerun")
+    if not sink.restore(progress.state, start):
+        log.warning("knn targets: the partial outputs of an earlier run do not match its progress; starting over")
+        start = 0
     n_done, distinct, dropped_sum, self_found = 0, 0, 0.0, 0
     t0 = time.perf_counter()
     with progress_bar(total=len(rows), initial=start, unit="q", unit_scale=True, desc="knn targets",
@@ -272,14 +263,10 @@ def compute_targets(index: faiss.Index, key_shards, vals, out_ids: np.ndarray, o
             I = np.where(keep, I, -1)
             if distances == "exact":
                 D = recompute_distances(keys, xq, I)
-            ids, probs, dropped = sparse_knn_distribution(D, I, vals, temperature, max_ids=K)
-            where = qids if by_row_id else np.arange(b0, b0 + len(qids))
-            _write_rows(out_ids, where, ids)
-            _write_rows(out_probs, where, renormalise_float16(probs))
-            for arr in (out_ids, out_probs):
-                if hasattr(arr, "flush"):
-                    arr.flush()
-            progress.update(b0 + len(qids))  # only after the block is on disk
+            ids, probs, dropped = sparse_knn_distribution(D, I, vals, temperature, max_ids=max_ids)
+            sink.append(b0, ids, renormalise_float16(probs))
+            sink.flush()
+            progress.update(b0 + len(qids), sink.state())  # only after the block is on disk
             fault_point("knn-targets.block")
             n_done += len(qids)
             distinct += int((ids >= 0).sum())

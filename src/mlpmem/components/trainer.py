@@ -66,27 +66,26 @@ class ArraySource:
 class Targets:
     """Sparse kNN targets and gold next tokens for every datastore row.
 
-    ids: (N, K) int32, padded with -1; probs: (N, K) float16 (0 at pads); labels: (N,) int32.
+    rows: :class:`mlpmem.components.sparse.CsrRows` (variable-length rows on disk) or ``FixedRows`` ((N, K) arrays
+    padded with -1); labels: (N,) int32.
     """
 
-    def __init__(self, ids: np.ndarray, probs: np.ndarray, labels: np.ndarray):
-        if ids.ndim != 2 or probs.shape != ids.shape:
-            raise ValueError(f"ids/probs: expected matching (N, K) arrays, got {ids.shape} and {probs.shape}")
-        if labels.shape != ids.shape[:1]:
-            raise ValueError(f"labels: expected shape ({ids.shape[0]},), got {labels.shape}")
-        self.ids, self.probs, self.labels = ids, probs, labels
+    def __init__(self, rows, labels: np.ndarray):
+        if labels.shape != (len(rows),):
+            raise ValueError(f"labels: expected shape ({len(rows)},), got {labels.shape}")
+        self.sparse, self.labels = rows, labels
 
     def __len__(self) -> int:
-        return self.ids.shape[0]
+        return len(self.sparse)
 
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """positions (n,) -> ids (n, K) int64, probs (n, K) float32, labels (n,) int64.
+        """positions (n,) -> ids (n, K) int64, probs (n, K) float32, labels (n,) int64 (K: the batch's widest row).
 
         Probabilities are renormalised over each row's non-pad entries: float16 storage leaves sums a little off 1,
         which would otherwise bias the KL. A row without any entry keeps all-zero probabilities (KL term 0).
         """
-        ids = torch.from_numpy(np.asarray(self.ids[positions], dtype=np.int64))
-        probs = torch.from_numpy(np.asarray(self.probs[positions], dtype=np.float32))
+        ids_np, probs_np = self.sparse.rows(positions)
+        ids, probs = torch.from_numpy(ids_np), torch.from_numpy(probs_np)
         probs = torch.where(ids >= 0, probs, 0.0)
         probs = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
         labels = torch.from_numpy(np.asarray(self.labels[positions], dtype=np.int64))

@@ -1,10 +1,11 @@
 """Stage `knn-targets`: sparse kNN next-token distributions for every train position (leave-one-out by id) and for
 the extracted validation positions.
 
-Layout of ``<run>/targets/``: per datastore shard ``ids-*.npy`` (rows, K) int32 padded with -1 and ``probs-*.npy``
-(rows, K) float16 (renormalised after the down-cast), row-aligned with the datastore (labels are the datastore's
-values). ``targets/validation/`` holds the same for the validation positions (searched against the train index,
-so nothing is left out there); training selects checkpoints on them. With ``--knn.teacher_dir`` the neighbours
+Layout of ``<run>/targets/``: per datastore shard a CSR set (:mod:`mlpmem.components.sparse`): ``offsets-*.npy``
+int64 (rows + 1), ``ids-*.npy`` int32 and ``probs-*.npy`` float16 (renormalised after the down-cast), every
+distinct neighbour token of every position, row-aligned with the datastore (labels are the datastore's values).
+``targets/validation/`` holds the same for the validation positions (searched against the train index, so nothing
+is left out there); training selects checkpoints on them. With ``--knn.teacher_dir`` the neighbours
 come from another run's datastore and index (same tokenizer and corpus), row-aligned with this run's positions.
 """
 
@@ -18,9 +19,10 @@ import numpy as np
 from mlpmem.artifacts import DATASTORE, DATASTORE_VAL, INDEX, TARGETS, Datastore, invalidate, open_index, \
     should_skip, write_manifest
 from mlpmem.components.knn import compute_targets
+from mlpmem.components.sparse import CsrSink, csr_names
 from mlpmem.config import Config
 from mlpmem.errors import StageError
-from mlpmem.files import Progress, create_memmap, fingerprint, shard_name
+from mlpmem.files import Progress, fingerprint
 from mlpmem.runtime import barrier, dist_info
 from mlpmem.stages import save_stage_config
 
@@ -57,46 +59,48 @@ def run(cfg: Config) -> dict:
         invalidate(out)
         out.mkdir(parents=True, exist_ok=True)
     barrier()
-    K = min(kc.store_ids, kc.k)
     stats = {}
     shards = ds.manifest["shards"]
+    suffix = [f"-{s:05d}-of-{len(shards):05d}" for s in range(len(shards))]
     for s in range(dist.rank, len(shards), dist.world_size):
         sh = shards[s]
         rows = np.arange(sh["start"], sh["stop"], dtype=np.int64)
-        ids = create_memmap(out / shard_name("ids", s, len(shards)), np.int32, (len(rows), K))
-        probs = create_memmap(out / shard_name("probs", s, len(shards)), np.float16, (len(rows), K))
         prog = Progress(out / f".progress-{s:05d}.json", fp)
-        if prog.done < len(rows):
-            stats[s] = compute_targets(index, ds.keys, ds.vals, ids, probs, kc.k, kc.temperature, kc.distances,
-                                       kc.query_batch, prog, rows=rows, show_progress=dist.is_main)
+        sink = CsrSink(out, suffix[s], len(rows))  # a shard finished by a killed run only gets its header closed
+        stats[s] = compute_targets(index, ds.keys, ds.vals, sink, kc.k, kc.temperature, kc.distances,
+                                   kc.query_batch, prog, rows=rows, show_progress=dist.is_main, max_ids=kc.store_ids)
+        sink.close()
     n_val = 0
     if dist.is_main and has_val:
         # the teacher's keys of the same validation positions query the teacher's index (nothing to leave out)
         vkeys = ds.validation().keys[0]
         n_val = len(vkeys)
-        vout = out / "validation"
-        ids = create_memmap(vout / "ids.npy", np.int32, (n_val, K))
-        probs = create_memmap(vout / "probs.npy", np.float16, (n_val, K))
-        prog = Progress(vout / ".progress.json", fp)
-        if prog.done < n_val:
-            compute_targets(index, ds.keys, ds.vals, ids, probs, kc.k, kc.temperature, kc.distances,
-                            kc.query_batch, prog, queries=vkeys, show_progress=False)
-        prog.clear()
+        sink = CsrSink(out / "validation", "", n_val)
+        compute_targets(index, ds.keys, ds.vals, sink, kc.k, kc.temperature, kc.distances, kc.query_batch,
+                        Progress(out / "validation" / ".progress.json", fp), queries=vkeys, show_progress=False,
+                        max_ids=kc.store_ids)
+        sink.close()
+        (out / "validation" / ".progress.json").unlink(missing_ok=True)
     barrier()
     if not dist.is_main:
         return {}
     for s in range(len(shards)):
         (out / f".progress-{s:05d}.json").unlink(missing_ok=True)
-    qps = [v["queries_per_s"] for v in stats.values()]
-    n_bytes = sum(p.stat().st_size for p in out.rglob("*.npy"))
+    qps = [v["queries_per_s"] for v in stats.values() if v["rows"]]
+    train_bytes = sum((out / n).stat().st_size for sf in suffix for n in csr_names(sf).values())
+    nnz = sum(int(np.load(out / csr_names(sf)["offsets"], mmap_mode="r")[-1]) for sf in suffix)
+    dropped = [v["mean_dropped_mass"] * v["rows"] for v in stats.values() if v["rows"]]
     save_stage_config(cfg, "knn-targets", out)
     return write_manifest(
-        out, "knn-targets", fp, upstream, teacher=str(teacher), k=kc.k, K=K, temperature=kc.temperature,
-        distances=kc.distances, n_positions=ds.n, shards=[
-            {"start": sh["start"], "stop": sh["stop"], "ids": shard_name("ids", s, len(shards)),
-             "probs": shard_name("probs", s, len(shards))} for s, sh in enumerate(shards)],
+        out, "knn-targets", fp, upstream, teacher=str(teacher), k=kc.k, max_ids=kc.store_ids,
+        temperature=kc.temperature, distances=kc.distances, layout="csr", n_positions=ds.n,
+        shards=[{"start": sh["start"], "stop": sh["stop"], **csr_names(suffix[s])} for s, sh in enumerate(shards)],
         datastore_fingerprint=student.fingerprint, validation=n_val, stats={str(k): v for k, v in stats.items()},
-        queries_per_s=float(np.mean(qps)) if qps else None, bytes=n_bytes, bytes_per_position=K * (4 + 2))
+        queries_per_s=float(np.mean(qps)) if qps else None, nnz=nnz, mean_distinct_ids=nnz / ds.n,
+        # mass of the distinct tokens beyond --knn.store_ids (0 when every id is kept), over the rows computed here
+        dropped_mass=sum(dropped) / sum(v["rows"] for v in stats.values()) if dropped else 0.0,
+        bytes=train_bytes + sum(p.stat().st_size for p in (out / "validation").glob("*.npy")),
+        bytes_per_position=train_bytes / ds.n)
 
 
 def _check_teacher(teacher: Datastore, student: Datastore) -> None:

@@ -75,10 +75,8 @@ def run(cfg: Config) -> dict:
     train_rows = np.arange(n, dtype=np.int64)
     val_rows = np.arange(n, n + n_val, dtype=np.int64)
     val_ds = ds.validation() if n_val else None
-    ids = ConcatRows(tg.ids + ([tg.val_ids] if n_val else []))
-    probs = ConcatRows(tg.probs + ([tg.val_probs] if n_val else []))
     labels = np.concatenate([ds.vals] + ([val_ds.vals[:n_val]] if n_val else []))
-    targets = Targets(ids, probs, labels)
+    targets = Targets(tg.rows, labels)
     plan = None
     if cfg.train.input == "offline":
         source = ArraySource(ConcatRows(ds.keys + (val_ds.keys if n_val else [])))
