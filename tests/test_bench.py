@@ -26,9 +26,9 @@ def test_bench_streams_sizes_above_flat_max(tmp_path):
     assert r["largest_size_flat"] == 200 and r["largest_size_ivfpq"] == 450
     assert r["component_us_per_token"]["base+knn-flat"][1] is None
     assert "| 450 | " in res["table"] and " - |" in res["table"]
-    with pytest.raises(ValueError, match="flat_max"):
-        bench.run(tiny_config(tmp_path, "llama", **{"bench.sizes": [200, 450], "bench.flat_max": 300,
-                                                     "knn.distances": "exact"}))
+    # beyond --bench.flat_max the keys are not held: kNN-LM there uses the index's distances, and says so
+    assert res["index"][0]["ivfpq"]["distances"] == res["index"][0]["flat"]["distances"] == "exact"
+    assert res["index"][1]["ivfpq"]["distances"] == "index"
 
 
 def test_bench_smoke(tmp_path, capsys):

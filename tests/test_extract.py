@@ -16,6 +16,7 @@ from mlpmem.components.capture import capture, resolve_hook
 from mlpmem.components.data import plan_windows
 from mlpmem.components.index import ConcatRows
 from mlpmem.components.lm import load_lm
+from mlpmem.errors import ConfigError
 from mlpmem.files import StageError
 
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40}
@@ -194,7 +195,7 @@ def test_more_shards_than_windows_is_refused(assets, tmp_path):
 def test_windows_longer_than_the_model_are_refused(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", **{"window.context": 1024, "window.stride": 512})  # tiny GPT-2: 512
     prepare.run(cfg)
-    with pytest.raises(StageError, match="--window.context 1024 exceeds the 512 positions"):
+    with pytest.raises(ConfigError, match="--window.context 1024 exceeds the 512 positions"):
         extract.run(cfg)
 
 

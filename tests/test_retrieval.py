@@ -19,7 +19,7 @@ from mlpmem.components.lm import load_lm
 from mlpmem.files import StageError
 
 SMALL = {"data.validation_fraction": 0.1, "data.test_fraction": 0.1, "train.val_positions": 40, "knn.k": 24,
-         "knn.store_ids": 24, "knn.query_batch": 200}
+         "knn.store_ids": 24, "knn.query_batch": 200, "knn.temperature": 16.0}
 REPEATED = "Repeated: " + " ".join(["river"] * 200) + " and the king."
 
 
@@ -337,3 +337,39 @@ def test_knn_eval_refuses_a_datastore_of_another_model_or_hook(assets, base_run,
     eval_stage.run(config(assets, run, **over))
     res = json.loads((run / "eval" / "results.json").read_text())
     assert "knn" not in res["splits"]["test"]["systems"] and "base" in res["splits"]["test"]["systems"]
+
+
+def test_target_temperature_is_kNN_LMs_best_on_validation(assets, base_run, tmp_path):
+    """--knn.temperature null: the targets use the temperature at which kNN-LM does best on the validation
+    positions, the same choice `eval` makes on those positions, and the manifest keeps the sweep."""
+    from mlpmem.components.capture import resolve_hook
+    from mlpmem.components.knn import knn_scorer
+    from mlpmem.components.scoring import score_tokens
+    from mlpmem.components.tuning import settle
+
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    grid = [0.5, 4.0, 16.0, 64.0]
+    cfg = config(assets, run, **{"knn.temperature": None, "eval.knn_temperatures": grid, "train.val_positions": 200})
+    m = targets.run(cfg)
+    assert m["temperature"] in grid and set(m["temperature_sweep"]["ppl_by_T"]) == {str(t) for t in grid}
+    best = min(m["temperature_sweep"]["ppl_by_T"].items(), key=lambda kv: kv[1])[0]
+    assert float(best) == m["temperature"]
+    # the same sweep done by hand on those validation positions
+    lm = load_lm(cfg.model)
+    ds = Datastore(run)
+    from mlpmem.artifacts import open_index
+
+    index, _ = open_index(run, cfg.index.nprobe)
+    tokens, _ = load_split(run, "validation")
+    sc = score_tokens(lm, tokens[:201], cfg.window.context, cfg.window.stride, 4,
+                      hook=resolve_hook(lm.model, "auto"),
+                      knn_scorer=knn_scorer(index, ds.keys, ds.vals, cfg.knn.k, grid, True))
+    assert settle({"validation": sc}, cfg)["settings"]["knn"]["T"] == m["temperature"]
+    assert m["upstream"]["data"]  # the sweep read validation text: a re-prepared corpus makes it stale
+    # the validation targets really use that temperature
+    val = ds.validation()
+    D, I = exact_search(ds.keys, np.asarray(val.keys[0]), cfg.knn.k)
+    i_ref, p_ref, _ = knn.sparse_knn_distribution(D, I, ds.vals, m["temperature"])
+    ids, probs = TargetStore(run).rows.rows(ds.n + np.arange(5))
+    for j in range(5):
+        assert_same_dist(as_dist(ids[j], probs[j]), as_dist(i_ref[j], p_ref[j]))

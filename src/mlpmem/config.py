@@ -160,7 +160,10 @@ class IndexConfig:
 @dataclass
 class KnnConfig:
     k: int = opt(1024, "Neighbours retrieved per query.")
-    temperature: float = opt(16.0, "Softmax temperature over -distance for the training targets.")
+    temperature: float | None = opt(None, "Softmax temperature over -distance for the training targets. None: the "
+                                    "temperature at which kNN-LM itself does best on the validation positions "
+                                    "(swept over --eval.knn_temperatures), since distance scales differ by model; "
+                                    "the authors' 16 was tuned on GPT-2's.")
     distances: str = opt("exact", "'exact': distances of the retrieved keys recomputed from the stored fp16 keys (a "
                          "re-rank; the original kNN-LM's setting); 'index': as the index returns them "
                          "(PQ-approximate for IVFPQ, cheaper).", ("index", "exact"))
@@ -173,7 +176,8 @@ class KnnConfig:
 
     def validate(self, p: str) -> None:
         _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
-        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.temperature is None or self.temperature > 0, f"{p}.temperature",
+               f"must be > 0 or null (tuned), got {self.temperature}")
         _check(self.query_batch >= 1, f"{p}.query_batch", "must be >= 1")
         _check(self.store_ids is None or self.store_ids >= 1, f"{p}.store_ids", "must be >= 1 or null")
 
@@ -279,7 +283,8 @@ class GenerateConfig:
                "must list at least one non-empty prompt")
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be >= 1")
         _check(self.num_beams >= 1, f"{p}.num_beams", "must be >= 1")
-        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.temperature is None or self.temperature > 0, f"{p}.temperature",
+               f"must be > 0 or null (tuned), got {self.temperature}")
         _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
 
 

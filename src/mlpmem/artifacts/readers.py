@@ -76,8 +76,11 @@ def base_model(cfg) -> tuple:
     if m.get("mode") != cfg.finetune.mode:
         raise StageError(f"{cfg.run_dir / FINETUNE} holds a {m.get('mode')!r} fine-tuning, but --finetune.mode is "
                          f"{cfg.finetune.mode!r}: rerun `mlpmem finetune --force`")
-    path = cfg.run_dir / FINETUNE / FINETUNED_MODEL
-    return dataclasses.replace(cfg.model, name=str(path.resolve()), revision=None), {FINETUNE: m["fingerprint"]}
+    if m.get("settings") != dataclasses.asdict(cfg.finetune):
+        raise StageError(f"{cfg.run_dir / FINETUNE} was fine-tuned with other --finetune settings than these: rerun "
+                         "`mlpmem finetune --force` (and the stages after it), or `mlpmem pipeline`")
+    path = (cfg.run_dir / FINETUNE / FINETUNED_MODEL).absolute()  # the link, not the version it points to now
+    return dataclasses.replace(cfg.model, name=str(path), revision=None), {FINETUNE: m["fingerprint"]}
 
 
 # ----------------------------------------------------------------------------- datastore

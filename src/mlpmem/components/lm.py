@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mlpmem.config import ModelConfig
-from mlpmem.errors import ModelLoadError
+from mlpmem.errors import ConfigError, ModelLoadError
 from mlpmem.files import atomic_write_json, file_sha256, fingerprint, read_json
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,16 @@ def model_identity(mcfg: ModelConfig, model, tok, weights: str | None = None) ->
     # the config and the tokenizer say what it computes)
     ident["fingerprint"] = fingerprint({k: v for k, v in ident.items() if k not in ("name", "revision")})
     return ident
+
+
+def check_context(lm: LoadedLM, context: int) -> None:
+    """Refuse windows longer than the model's positions (GPT-2 would fail deep inside its position embedding)."""
+    cfg = lm.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and context > max_pos:
+        raise ConfigError(f"--window.context {context} exceeds the {max_pos} positions of {lm.identity['name']}; "
+                          f"use --window.context {max_pos} or less (and a --window.stride that fits)")
 
 
 def load_lm(mcfg: ModelConfig) -> LoadedLM:

@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mlpmem.config import Config
 from mlpmem.errors import ConfigError
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
 from mlpmem.components.lm import LoadedLM

@@ -173,7 +173,7 @@ def _load_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, fp: st
     return state
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (the killed run's lost steps)."""
     if not path.is_file():
         return
@@ -193,7 +193,7 @@ def _rows_hash(rows: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _distributed(world_size: int) -> bool:
+def is_distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
@@ -221,13 +221,13 @@ def evaluate(
     was_training = memory.training
     memory.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, kl, ce, n
-    mine = np.array_split(rows, world_size)[rank] if _distributed(world_size) else rows
+    mine = np.array_split(rows, world_size)[rank] if is_distributed(world_size) else rows
     for i in range(0, len(mine), cfg.batch_size):
         pos = mine[i:i + cfg.batch_size]
         loss, kl, ce = _step_loss(memory, source, targets, pos, cfg.alpha, cfg.bf16, device)
         n = len(pos)
         sums += torch.tensor([loss.item() * n, kl.item() * n, ce.item() * n, n], dtype=torch.float64)
-    if _distributed(world_size):
+    if is_distributed(world_size):
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
@@ -236,7 +236,7 @@ def evaluate(
     return {"loss": sums[0].item() / n, "kl": sums[1].item() / n, "ce": sums[2].item() / n}
 
 
-def _make_optimizer(memory: MLPMemory, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(memory: MLPMemory, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in memory.parameters() if p.requires_grad]
     try:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -275,13 +275,13 @@ def train_memory(
         raise ValueError("train_rows: must not be empty")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
-    ddp = _distributed(world_size)
+    ddp = is_distributed(world_size)
     main = rank == 0
     out_dir = Path(out_dir)
     device = next(memory.parameters()).device
     total = total_steps(cfg, len(train_rows))
     plan = plan or BatchPlan(train_rows, cfg.batch_size, seed)
-    opt = _make_optimizer(memory, cfg)
+    opt = make_optimizer(memory, cfg)
     trajectory = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "save_every", "log_every")}
     fp = fingerprint(trajectory, seed, _rows_hash(train_rows), memory.config.to_dict())
     metrics_path, last_dir = out_dir / "metrics.jsonl", out_dir / "last"
@@ -294,7 +294,7 @@ def train_memory(
         resumed_acc = st.get("log_acc")
         log.info("resuming from %s at step %d/%d", last_dir, step, total)
         if main:
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if ddp:  # every rank starts from rank 0's weights (they differ when ranks initialised with other seeds)

@@ -39,8 +39,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "mlpmem.stages.extract:run"),
     Stage("index", "Build a FAISS index over the stored keys and report its recall against exact search.",
           ("index", "knn"), ("extract",), "mlpmem.stages.index:run"),
-    Stage("knn-targets", "Search each train position's neighbours (leave-one-out) and store sparse kNN targets.",
-          ("index", "knn"), ("extract", "index"), "mlpmem.stages.targets:run"),
+    Stage("knn-targets", "Search each train position's neighbours (leave-one-out) and store sparse kNN targets; "
+          "their temperature is kNN-LM's best on validation unless --knn.temperature is set.",
+          ("model", "window", "finetune", "extract", "index", "knn", "train", "eval"), ("extract", "index"),
+          "mlpmem.stages.targets:run"),
     Stage("train", "Train the MLP memory on the kNN targets (offline keys or online LM).",
           ("model", "window", "finetune", "extract", "knn", "memory", "train"), ("extract", "knn-targets"),
           "mlpmem.stages.train:run"),

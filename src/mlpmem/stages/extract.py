@@ -23,7 +23,7 @@ from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, base_model, invalid
     verify_chain, write_manifest
 from mlpmem.components.capture import forward_hidden, resolve_hook
 from mlpmem.components.data import batch_windows, plan_windows, shard_windows
-from mlpmem.components.lm import LoadedLM, load_lm
+from mlpmem.components.lm import LoadedLM, check_context, load_lm
 from mlpmem.config import Config
 from mlpmem.errors import StageError
 from mlpmem.files import Progress, atomic_write_json, create_memmap, fingerprint, read_json, shard_name
@@ -115,16 +115,6 @@ def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
     m = _extract_split(cfg, lm, hook, "train", cfg.run_dir / DATASTORE, None, model_up)
     _extract_split(cfg, lm, hook, "validation", cfg.run_dir / DATASTORE_VAL, cfg.train.val_positions, model_up)
     return m
-
-
-def check_context(lm: LoadedLM, context: int) -> None:
-    """Refuse windows longer than the model's positions (GPT-2 would fail deep inside its position embedding)."""
-    cfg = lm.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and context > max_pos:
-        raise StageError(f"--window.context {context} exceeds the {max_pos} positions of {lm.identity['name']}; "
-                         f"use --window.context {max_pos} or less (and a --window.stride that fits)")
 
 
 def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_positions: int | None,

@@ -11,19 +11,20 @@ come from another run's datastore and index (same tokenizer and corpus), row-ali
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from mlpmem.artifacts import DATASTORE, DATASTORE_VAL, INDEX, TARGETS, Datastore, invalidate, open_index, \
-    should_skip, write_manifest
-from mlpmem.components.knn import compute_targets
+from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, Datastore, base_model, invalidate, \
+    load_split, open_index, should_skip, verify_chain, write_manifest
+from mlpmem.components.knn import compute_targets, knn_scorer
 from mlpmem.components.sparse import CsrSink, csr_names
 from mlpmem.config import Config
-from mlpmem.errors import StageError
+from mlpmem.errors import ConfigError, StageError
 from mlpmem.files import Progress, fingerprint
-from mlpmem.runtime import barrier, dist_info
+from mlpmem.runtime import barrier, broadcast_from_main, dist_info
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,25 @@ def run(cfg: Config) -> dict:
         if not own:
             upstream[tkey(DATASTORE_VAL)] = ds.validation().fingerprint
     out = cfg.run_dir / TARGETS
-    fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, kc.distances, kc.store_ids, kc.query_batch,
-                     cfg.index.nprobe)
+    if kc.temperature is None and not own:
+        raise ConfigError("--knn.temperature: choosing it on validation needs this run's own datastore and LM; set "
+                          "a value when targets come from --knn.teacher_dir")
+    auto = None if kc.temperature is not None else {  # what decides the tuned temperature
+        "grid": cfg.eval.knn_temperatures, "positions": cfg.train.val_positions,
+        "window": [cfg.window.context, cfg.window.stride]}
+    if auto is not None:  # the sweep scores validation text with the base LM
+        upstream.update({DATA: verify_chain(cfg.run_dir, DATA, "prepare")["fingerprint"], **base_model(cfg)[1]})
+    fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, auto, kc.distances, kc.store_ids,
+                     kc.query_batch, cfg.index.nprobe)
     done = should_skip(out, "knn-targets", fp, cfg.force, upstream)
     if done:
         return done
     if dist.is_main:
         invalidate(out)
         out.mkdir(parents=True, exist_ok=True)
+    temperature, sweep = kc.temperature, None
+    if temperature is None:
+        temperature, sweep = broadcast_from_main(_tuned_temperature(cfg, ds, index) if dist.is_main else None)
     barrier()
     stats = {}
     shards = ds.manifest["shards"]
@@ -67,7 +79,7 @@ def run(cfg: Config) -> dict:
         rows = np.arange(sh["start"], sh["stop"], dtype=np.int64)
         prog = Progress(out / f".progress-{s:05d}.json", fp)
         sink = CsrSink(out, suffix[s], len(rows))  # a shard finished by a killed run only gets its header closed
-        stats[s] = compute_targets(index, ds.keys, ds.vals, sink, kc.k, kc.temperature, kc.distances,
+        stats[s] = compute_targets(index, ds.keys, ds.vals, sink, kc.k, temperature, kc.distances,
                                    kc.query_batch, prog, rows=rows, show_progress=dist.is_main, max_ids=kc.store_ids)
         sink.close()
     n_val = 0
@@ -76,7 +88,7 @@ def run(cfg: Config) -> dict:
         vkeys = ds.validation().keys[0]
         n_val = len(vkeys)
         sink = CsrSink(out / "validation", "", n_val)
-        compute_targets(index, ds.keys, ds.vals, sink, kc.k, kc.temperature, kc.distances, kc.query_batch,
+        compute_targets(index, ds.keys, ds.vals, sink, kc.k, temperature, kc.distances, kc.query_batch,
                         Progress(out / "validation" / ".progress.json", fp), queries=vkeys, show_progress=False,
                         max_ids=kc.store_ids)
         sink.close()
@@ -93,7 +105,7 @@ def run(cfg: Config) -> dict:
     save_stage_config(cfg, "knn-targets", out)
     return write_manifest(
         out, "knn-targets", fp, upstream, teacher=str(teacher), k=kc.k, max_ids=kc.store_ids,
-        temperature=kc.temperature, distances=kc.distances, layout="csr", n_positions=ds.n,
+        temperature=temperature, temperature_sweep=sweep, distances=kc.distances, layout="csr", n_positions=ds.n,
         shards=[{"start": sh["start"], "stop": sh["stop"], **csr_names(suffix[s])} for s, sh in enumerate(shards)],
         datastore_fingerprint=student.fingerprint, validation=n_val, stats={str(k): v for k, v in stats.items()},
         queries_per_s=float(np.mean(qps)) if qps else None, nnz=nnz, mean_distinct_ids=nnz / ds.n,
@@ -101,6 +113,41 @@ def run(cfg: Config) -> dict:
         dropped_mass=sum(dropped) / sum(v["rows"] for v in stats.values()) if dropped else 0.0,
         bytes=train_bytes + sum(p.stat().st_size for p in (out / "validation").glob("*.npy")),
         bytes_per_position=train_bytes / ds.n)
+
+
+LAMBDA_GRID = [round(x, 2) for x in np.arange(0.0, 1.0001, 0.05)]
+
+
+def _tuned_temperature(cfg: Config, ds: Datastore, index) -> tuple[float, dict]:
+    """The kNN temperature at which kNN-LM mixed with the base LM has the lowest perplexity on the first
+    --train.val_positions validation positions (λ tuned with it), and the sweep: {T: best validation PPL}.
+
+    Distances have a model-specific scale, so a fixed temperature (the authors' 16, tuned on GPT-2) can make the
+    targets much flatter or sharper than the retrieval that actually helps; the memory imitates these targets.
+    """
+    from mlpmem.components.capture import resolve_hook
+    from mlpmem.components.lm import load_lm
+    from mlpmem.components.scoring import score_tokens
+    from mlpmem.components.tuning import settle
+
+    lm = load_lm(base_model(cfg)[0])
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
+    tokens, _ = load_split(cfg.run_dir, "validation", lm.identity["tokenizer_hash"])
+    tokens = tokens[: cfg.train.val_positions + 1]
+    grid = cfg.eval.knn_temperatures
+    scorer = knn_scorer(index, ds.keys, ds.vals, cfg.knn.k, grid, cfg.knn.distances == "exact")
+    sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size, hook=hook,
+                      knn_scorer=scorer, desc="knn temperature")
+    # λ on a fixed fine grid (refined further by settle), so eval's own λ settings do not move the targets
+    sweep_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lambdas=LAMBDA_GRID, lam=None))
+    res = settle({"validation": sc}, sweep_cfg)
+    per_T = {str(T): min(r["ppl"] for r in res["sweeps"]["validation"]["knn"] if r["T"] == T) for T in grid}
+    T = float(res["settings"]["knn"]["T"])
+    log.info("knn-targets: temperature %g chosen on %d validation positions (kNN-LM PPL by T: %s)%s", T, sc.n,
+             ", ".join(f"{t}: {p:.3f}" for t, p in per_T.items()),
+             "; it is on the edge of --eval.knn_temperatures: widen it" if "T" in res["edges"].get("knn", []) else "")
+    return T, {"ppl_by_T": per_T, "lam": res["settings"]["knn"]["lam"], "positions": sc.n,
+               "edge": "T" in res["edges"].get("knn", [])}
 
 
 def _check_teacher(teacher: Datastore, student: Datastore) -> None:
