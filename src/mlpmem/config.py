@@ -322,6 +322,26 @@ class BenchConfig:
                f"must list one or more block counts >= 0 (0: the depth rule), got {self.memory_blocks}")
 
 
+COMPARE_VARIANTS = ("vanilla", "full", "lora", "full-ce")
+
+
+@dataclass
+class CompareConfig:
+    variants: list[str] = opt(list(COMPARE_VARIANTS), "Runs of `mlpmem compare`, each a run directory under "
+                              "--out_dir: vanilla (the base LM as given, + kNN-LM, + memory), full / lora (the base "
+                              "fine-tuned on the train split, + kNN-LM and memory for full), full-ce (the memory on "
+                              "the fine-tuned base trained with --train.alpha 0: no kNN targets, the control).")
+    split: str = opt("test", "Split of the table (settings are tuned on validation).", ("validation", "test"))
+
+    def validate(self, p: str) -> None:
+        _check(len(self.variants) > 0, f"{p}.variants", "must list at least one variant")
+        for v in self.variants:
+            _check(v in COMPARE_VARIANTS, f"{p}.variants", f"unknown variant {v!r} (known: {', '.join(COMPARE_VARIANTS)})")
+        _check("vanilla" in self.variants, f"{p}.variants", "must include vanilla (the reference row)")
+        _check("full-ce" not in self.variants or "full" in self.variants, f"{p}.variants",
+               "full-ce reuses full's datastore and targets: list full too")
+
+
 @dataclass
 class Config:
     out_dir: str = opt("runs/demo", "Run directory: every stage writes its artifacts and manifest under it.")
@@ -340,6 +360,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         self.validate()

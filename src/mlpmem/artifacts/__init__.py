@@ -7,5 +7,6 @@ from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, inval
                                        rebuilding_stale, require_manifest, should_skip, verify_chain, write_manifest)
 from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX,  # noqa
                                       MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, load_eval_results,
-                                      load_memory, load_offsets, load_split, open_index, tuned_memory_lambda,
+                                      load_eval_scores, load_memory, load_offsets, load_scores, load_split,
+                                      open_index, save_scores, scores_path, tuned_memory_lambda,
                                       tuned_memory_temperature)

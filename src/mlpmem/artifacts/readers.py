@@ -16,6 +16,7 @@ Layout under ``--out_dir``::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -246,6 +247,53 @@ def load_eval_results(run_dir: Path, out_name: str) -> dict | None:
         raise StageError(f"{d / 'results.json'} does not belong to the eval manifest beside it (an interrupted "
                          "write?): rerun `mlpmem eval --force`")
     return res
+
+
+def scores_path(eval_dir: Path, split: str, rank: int, world: int) -> Path:
+    """Where process ``rank`` of ``world`` saves its share of a split's per-token gold log-probs."""
+    return Path(eval_dir) / "scores" / f"{split}-{rank:05d}-of-{world:05d}.npz"
+
+
+def save_scores(path: Path, sc, fp: str) -> None:
+    """A :class:`Scored` share, tagged with the eval fingerprint it belongs to (a few numbers per token)."""
+    from mlpmem.files import atomic_file
+
+    arrays = {"lm": sc.lm, "meta": np.array(json.dumps({"fingerprint": fp, "seconds": sc.seconds}))}
+    if sc.mem is not None:
+        arrays["mem"] = sc.mem
+    if sc.knn is not None:
+        arrays["knn"] = sc.knn
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_scores(path: Path, fp: str, strict: bool = False):
+    """The :class:`Scored` saved at ``path`` if made with fingerprint ``fp``; else None (or an error if strict)."""
+    from mlpmem.components.scoring import Scored
+
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["fingerprint"] == fp:
+                return Scored(lm=z["lm"], mem=z["mem"] if "mem" in z else None,
+                              knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"])
+            why = "were made by another configuration"
+    except (OSError, KeyError, ValueError) as e:
+        why = f"cannot be read ({e})"
+    if strict:
+        raise StageError(f"eval: the scores {path} {why}; rerun `mlpmem eval` with the same processes")
+    return None
+
+
+def load_eval_scores(run_dir: Path, out_name: str, split: str):
+    """The per-token scores of a finished evaluation's split (all processes' shares joined), checked."""
+    from mlpmem.components.scoring import Scored
+
+    m = verify_chain(run_dir, out_name, "eval")
+    world = int(m.get("processes", 1))
+    d = Path(run_dir) / out_name
+    return Scored.join([load_scores(scores_path(d, split, r, world), m["fingerprint"], strict=True)
+                        for r in range(world)])
 
 
 def tuned_memory_lambda(run_dir: Path, out_name: str) -> float | None:

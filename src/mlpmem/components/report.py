@@ -19,7 +19,7 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def _fmt_params(n: int | None) -> str:
+def fmt_params(n: int | None) -> str:
     return "-" if not n else (f"{n / 1e6:.1f}M" if n >= 1e5 else str(n))
 
 
@@ -42,7 +42,7 @@ def results_table(results: dict) -> str:
         if system in edges:
             st += f" (edge: {', '.join(edges[system])})"
         m = meta.get(system, {})
-        row = [system, st, _fmt_params(m.get("params")), _fmt_bytes(m.get("storage_bytes"))]
+        row = [system, st, fmt_params(m.get("params")), _fmt_bytes(m.get("storage_bytes"))]
         for s in splits:
             r = results["splits"][s]["systems"].get(system, {})
             p, vs = r.get("ppl"), r.get("vs_base")

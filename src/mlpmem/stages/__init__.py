@@ -65,6 +65,10 @@ COMMANDS: dict[str, Stage] = {
     "bench": Stage("bench", "Measure speed, memory and storage side by side: base vs memory vs kNN-LM, extraction, "
                    "training.", ("model", "data", "window", "extract", "index", "knn", "memory", "train", "bench"),
                    (), "mlpmem.bench:run", in_pipeline=False),
+    "compare": Stage("compare", "The paper's comparison: vanilla and fine-tuned base LM (full, LoRA), each with "
+                     "kNN-LM and the memory, and the alpha = 0 control, side by side with bootstrap intervals.",
+                     tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("compare",), (),
+                     "mlpmem.compare:run", in_pipeline=False),
     "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
                           "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
 }

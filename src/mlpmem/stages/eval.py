@@ -8,15 +8,13 @@ a rerun with the same fingerprint and process count reuses them instead of scori
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
-import numpy as np
 
 from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, base_model, invalidate, is_complete, \
-    load_memory, load_offsets, load_split, open_index, should_skip, verify_chain, write_manifest
+    load_memory, load_offsets, load_scores, load_split, open_index, save_scores, scores_path, should_skip, \
+    verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.knn import knn_scorer
 from mlpmem.components.lm import load_lm
@@ -25,7 +23,7 @@ from mlpmem.components.scoring import Scored, score_tokens
 from mlpmem.components.tuning import doc_ids_of, settle
 from mlpmem.config import Config
 from mlpmem.errors import StageError
-from mlpmem.files import atomic_file, atomic_write_json, atomic_write_text, fingerprint
+from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint
 from mlpmem.runtime import barrier, dist_info, fault_point
 from mlpmem.stages import save_stage_config
 
@@ -61,8 +59,8 @@ def run(cfg: Config) -> dict:
         invalidate(out)  # from here until the new manifest, results.json is not vouched for
     scored = {}
     for split in cfg.eval.splits:
-        mine = _scores_path(out, split, dist.rank, dist.world_size)
-        sc = None if cfg.force else _load_scores(mine, fp)
+        mine = scores_path(out, split, dist.rank, dist.world_size)
+        sc = None if cfg.force else load_scores(mine, fp)
         if sc is None:
             tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
             t0 = time.time()
@@ -71,7 +69,7 @@ def run(cfg: Config) -> dict:
                               mem_temperatures=cfg.eval.memory_temperatures, knn_scorer=scorer, desc=f"eval {split}",
                               shard=(dist.rank, dist.world_size))
             log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
-            _save_scores(mine, sc, fp)
+            save_scores(mine, sc, fp)
         else:
             log.info("eval %s: reusing the scores saved in %s", split, mine)
         scored[split] = sc
@@ -79,7 +77,7 @@ def run(cfg: Config) -> dict:
     if not dist.is_main:
         return {}
     if dist.world_size > 1:
-        scored = {split: Scored.join([_load_scores(_scores_path(out, split, r, dist.world_size), fp, strict=True)
+        scored = {split: Scored.join([load_scores(scores_path(out, split, r, dist.world_size), fp, strict=True)
                                       for r in range(dist.world_size)]) for split in cfg.eval.splits}
     docs = {split: doc_ids_of(load_offsets(cfg.run_dir, split), sc.n) for split, sc in scored.items()}
     results = settle(scored, cfg, docs)
@@ -98,7 +96,8 @@ def run(cfg: Config) -> dict:
     save_stage_config(cfg, "eval", out)
     fault_point("eval.results")
     print(table)
-    return write_manifest(out, "eval", fp, upstream, table=table, results="results.json")
+    return write_manifest(out, "eval", fp, upstream, table=table, results="results.json",
+                          processes=dist.world_size)
 
 
 def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
@@ -122,36 +121,6 @@ def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
             "settings": [k, cfg.knn.distances, cfg.index.nprobe], "bytes": ds.manifest["bytes"] + im["bytes"],
             "factory": im["factory"], "k": k}
     return scorer, meta
-
-
-def _scores_path(out: Path, split: str, rank: int, world: int) -> Path:
-    return out / "scores" / f"{split}-{rank:05d}-of-{world:05d}.npz"
-
-
-def _save_scores(path: Path, sc: Scored, fp: str) -> None:
-    arrays = {"lm": sc.lm, "meta": np.array(json.dumps({"fingerprint": fp, "seconds": sc.seconds}))}
-    if sc.mem is not None:
-        arrays["mem"] = sc.mem
-    if sc.knn is not None:
-        arrays["knn"] = sc.knn
-    with atomic_file(path) as f:
-        np.savez(f, **arrays)
-
-
-def _load_scores(path: Path, fp: str, strict: bool = False) -> Scored | None:
-    """The scores saved at ``path`` if they were made with fingerprint ``fp``; else None (or an error if strict)."""
-    try:
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta["fingerprint"] == fp:
-                return Scored(lm=z["lm"], mem=z["mem"] if "mem" in z else None,
-                              knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"])
-            why = "were made by another configuration"
-    except (OSError, KeyError, ValueError) as e:
-        why = f"cannot be read ({e})"
-    if strict:
-        raise StageError(f"eval: the scores {path} {why}; rerun `mlpmem eval` with the same processes")
-    return None
 
 
 def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:

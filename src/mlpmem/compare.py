@@ -1,0 +1,191 @@
+"""`mlpmem compare`: the paper's comparison on one corpus, every row on the same test tokens.
+
+The paper's protocol fine-tunes the base LM on the train split first and builds the datastore and the memory from
+the fine-tuned model; the memory's value is what it adds on top of fine-tuning, and what retriever pretraining
+(the KL to kNN targets) adds over training the same MLP on next-token loss alone. This command runs each
+variant as a run directory under --out_dir (sharing what is the same through symlinks: the prepared data; the
+fine-tuned model, datastore, index and targets for the control), then puts the rows side by side:
+
+    vanilla   the base LM as given, + kNN-LM, + memory, + memory + kNN-LM
+    full      the base fine-tuned on the train split (all weights), + kNN-LM, + memory, + memory + kNN-LM
+    lora      the base fine-tuned with LoRA adapters
+    full-ce   the memory on the fine-tuned base trained with --train.alpha 0 (no kNN targets): the control
+
+with parameters, storage, training compute, inference tokens/s and a paired bootstrap interval (over documents)
+for every change against the vanilla base, and for the comparisons that decide the question.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from mlpmem.artifacts import (DATA, FINETUNE, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
+                              read_manifest)
+from mlpmem.components.report import fmt_params
+from mlpmem.config import Config, load_config
+from mlpmem.files import atomic_write_json, atomic_write_text, human_bytes
+
+log = logging.getLogger(__name__)
+
+# variant -> (overrides, the variant whose artifacts it links, which ones, the stages it runs)
+ALL = ("prepare", "finetune", "extract", "index", "knn-targets", "train", "eval")
+VARIANTS = {
+    "vanilla": ({"finetune.mode": "none"}, None, (), ALL),
+    "full": ({"finetune.mode": "full"}, "vanilla", (DATA,), ALL[1:]),
+    "lora": ({"finetune.mode": "lora", "eval.systems": ["base"]}, "vanilla", (DATA,), ("finetune", "eval")),
+    "full-ce": ({"finetune.mode": "full", "train.alpha": 0.0, "eval.systems": ["base", "memory"]}, "full",
+                (DATA, FINETUNE, "datastore", "index", TARGETS), ("train", "eval")),
+}
+# table rows: (label, variant, system)
+ROWS = [
+    ("base LM", "vanilla", "base"),
+    ("base + kNN-LM", "vanilla", "knn"),
+    ("base + memory", "vanilla", "memory"),
+    ("base + memory + kNN-LM", "vanilla", "memory+knn"),
+    ("fine-tuned (full)", "full", "base"),
+    ("fine-tuned (LoRA)", "lora", "base"),
+    ("fine-tuned + kNN-LM", "full", "knn"),
+    ("fine-tuned + memory", "full", "memory"),
+    ("fine-tuned + memory + kNN-LM", "full", "memory+knn"),
+    ("fine-tuned + memory, alpha = 0 (control)", "full-ce", "memory"),
+]
+# the comparisons that answer "build a memory, or just fine-tune?" (a row vs another; both must exist)
+PAIRS = [
+    ("fine-tuned (full)", "base LM"),
+    ("fine-tuned + memory", "fine-tuned (full)"),
+    ("fine-tuned + memory", "fine-tuned + kNN-LM"),
+    ("fine-tuned + memory", "fine-tuned + memory, alpha = 0 (control)"),
+    ("fine-tuned + memory + kNN-LM", "fine-tuned + kNN-LM"),
+    ("base + memory", "base + kNN-LM"),
+]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    overrides = VARIANTS[name][0]
+    return load_config(None, {**_flat(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        if dst.is_symlink() and dst.resolve() == src.resolve():
+            return
+        raise FileExistsError(f"{dst} exists and is not a link to {src}: remove it or choose another --out_dir")
+    dst.symlink_to(src.resolve(), target_is_directory=True)
+
+
+def run(cfg: Config) -> dict:
+    from mlpmem.stages import STAGES
+
+    timings: dict[str, dict[str, float]] = {}
+    for name in cfg.compare.variants:
+        vcfg = variant_config(cfg, name)
+        _, src, shared, stages = VARIANTS[name]
+        for d in shared:
+            _link(cfg.run_dir / src / d, vcfg.run_dir / d)
+        timings[name] = {}
+        for stage in stages:
+            t0 = time.time()
+            log.info("=== compare: %s: %s ===", name, stage)
+            STAGES[stage].run(vcfg)
+            timings[name][stage] = round(time.time() - t0, 1)
+    res = table(cfg)
+    res["wall_seconds"] = timings
+    out = cfg.run_dir / "compare"
+    atomic_write_json(out / "results.json", res)
+    atomic_write_text(out / "results.md", res["table"] + "\n")
+    print(res["table"])
+    return res
+
+
+def _compute(vdir: Path, system: str, batch_size: int) -> str:
+    """Training compute of a row: LM tokens through forward+backward (fine-tuning), forward only (datastore) and
+    memory positions trained (each x passes)."""
+    parts = []
+    ft = read_manifest(vdir / FINETUNE) or {}
+    if ft.get("tokens"):
+        parts.append(f"FT {ft['tokens'] / 1e3:.0f}K tok ({ft['epochs']:.2g} ep)")
+    if system in ("knn", "memory", "memory+knn"):
+        ds = read_manifest(vdir / "datastore") or {}
+        parts.append(f"fwd {ds.get('n_positions', 0) / 1e3:.0f}K")
+    if "memory" in system:
+        steps = ((read_manifest(vdir / MEMORY) or {}).get("summary") or {}).get("steps", 0)
+        parts.append(f"memory {steps * batch_size / 1e3:.0f}K pos")
+    return ", ".join(parts) or "-"
+
+
+def table(cfg: Config) -> dict:
+    """Rows side by side on the same tokens of --compare.split, from the finished variants."""
+    from mlpmem.components.tuning import bootstrap_changes, doc_ids_of, system_logprobs
+
+    split = cfg.compare.split
+    rows, lp, n_tokens = [], {}, None
+    for label, name, system in ROWS:
+        if name not in cfg.compare.variants:
+            continue
+        vcfg = variant_config(cfg, name)
+        res = load_eval_results(vcfg.run_dir, vcfg.eval.out_name)
+        if res is None or system not in res["settings"]:
+            continue
+        scored = load_eval_scores(vcfg.run_dir, vcfg.eval.out_name, split)
+        n_tokens = scored.n if n_tokens is None else n_tokens
+        if scored.n != n_tokens:
+            raise ValueError(f"{name} scored {scored.n} {split} tokens, others {n_tokens}: not the same text")
+        setting = res["settings"][system]
+        lp[label] = system_logprobs(scored, system, setting, vcfg)
+        meta = res.get("systems_meta", {}).get(system, {})
+        ft = read_manifest(vcfg.run_dir / FINETUNE) or {}
+        rows.append({"row": label, "variant": name, "system": system, "setting": setting,
+                     "ppl": res["splits"][split]["systems"][system]["ppl"],
+                     "base_params": res["model"]["n_params"],
+                     "memory_params": meta.get("params") if "memory" in system else None,
+                     "trainable_lm_params": ft.get("trainable_params"),
+                     "storage_bytes": meta.get("storage_bytes"), "tokens_per_s": meta.get("tokens_per_s"),
+                     "compute": _compute(vcfg.run_dir, system, vcfg.train.batch_size), "edges": res.get("edges", {}).get(system)})
+    docs = doc_ids_of(load_offsets(cfg.run_dir / "vanilla", split), n_tokens)
+    pairs = [(r["row"], "base LM") for r in rows if r["row"] != "base LM"] + \
+        [p for p in PAIRS if p[0] in lp and p[1] in lp and p != ("fine-tuned (full)", "base LM")]
+    ci = bootstrap_changes(lp, docs, pairs, seed=cfg.seed)
+    for r in rows:
+        r["vs_base"] = ci.get((r["row"], "base LM"))
+    comparisons = [{"a": a, "b": b, **ci[(a, b)]} for a, b in PAIRS if (a, b) in ci]
+    return {"split": split, "tokens": n_tokens, "documents": int(docs.max()) + 1 if len(docs) else 0, "rows": rows,
+            "comparisons": comparisons, "table": _markdown(rows, comparisons, split, n_tokens)}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def _markdown(rows: list[dict], comparisons: list[dict], split: str, n_tokens: int) -> str:
+    lines = [f"| row | {split} PPL | vs base LM (95% CI) | params (LM + memory) | storage | training compute | "
+             "tokens/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r["vs_base"]
+        rel = f"{_pct(vs['change'])} [{_pct(vs['ci95'][0])}, {_pct(vs['ci95'][1])}]" if vs else ""
+        params = fmt_params(r["base_params"]) + (f" + {fmt_params(r['memory_params'])}" if r["memory_params"] else "")
+        if r["trainable_lm_params"] and r["trainable_lm_params"] < r["base_params"]:
+            params += f" ({fmt_params(r['trainable_lm_params'])} LoRA trained)"
+        edge = f" (edge: {', '.join(r['edges'])})" if r["edges"] else ""
+        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+        storage = human_bytes(r["storage_bytes"]) if r["storage_bytes"] else "-"
+        lines.append(f"| {r['row']}{edge} | {r['ppl']:.3f} | {rel} | {params} | {storage} | {r['compute']} | {tps} |")
+    lines += ["", f"Paired bootstrap over the documents of {split} ({n_tokens} tokens), 95% intervals; an ordering is "
+              "claimed only where the interval excludes zero:"]
+    for c in comparisons:
+        verdict = ("lower" if c["change"] < 0 else "higher") if c["excludes_zero"] else "no clear difference"
+        lines.append(f"- {c['a']} vs {c['b']}: {_pct(c['change'])} PPL [{_pct(c['ci95'][0])}, "
+                     f"{_pct(c['ci95'][1])}]: {verdict}")
+    return "\n".join(lines)
