@@ -73,7 +73,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def variant_config(cfg: Config, name: str) -> Config:
-    overrides = VARIANTS[name][0]
+    overrides = dict(VARIANTS[name][0])
+    if name == "lora":
+        overrides["finetune.lr"] = cfg.compare.lora_lr
     return load_config(None, {**_flat(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
 
 

@@ -332,12 +332,15 @@ class CompareConfig:
                               "fine-tuned on the train split, + kNN-LM and memory for full), full-ce (the memory on "
                               "the fine-tuned base trained with --train.alpha 0: no kNN targets, the control).")
     split: str = opt("test", "Split of the table (settings are tuned on validation).", ("validation", "test"))
+    lora_lr: float = opt(2e-4, "--finetune.lr of the lora variant (adapters want a larger rate than full "
+                         "fine-tuning, which uses --finetune.lr).")
 
     def validate(self, p: str) -> None:
         _check(len(self.variants) > 0, f"{p}.variants", "must list at least one variant")
         for v in self.variants:
             _check(v in COMPARE_VARIANTS, f"{p}.variants", f"unknown variant {v!r} (known: {', '.join(COMPARE_VARIANTS)})")
         _check("vanilla" in self.variants, f"{p}.variants", "must include vanilla (the reference row)")
+        _check(self.lora_lr > 0, f"{p}.lora_lr", f"must be > 0, got {self.lora_lr}")
         _check("full-ce" not in self.variants or "full" in self.variants, f"{p}.variants",
                "full-ce reuses full's datastore and targets: list full too")
 
