@@ -61,6 +61,17 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def on_main(fn, *args):
+    """``fn(*args)`` on rank 0 while the other ranks wait (they get {}): for stages one process does whole."""
+    if not dist_info().is_main:
+        barrier()
+        return {}
+    try:
+        return fn(*args)
+    finally:
+        barrier()
+
+
 def broadcast_from_main(obj):
     """Rank 0's ``obj`` on every rank (a picklable object; the value itself for one process)."""
     if not _dist_on():

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 from mlpmem.components.data import Window, batch_windows, plan_windows
-from mlpmem.components.trainer import STATE_NAME, BatchPlan, CheckpointMismatch, is_distributed, make_optimizer, \
-    truncate_metrics, lr_at, total_steps
+from mlpmem.components.trainer import STATE_NAME, BatchPlan, CheckpointMismatch, DivergenceWatch, is_distributed, \
+    lr_at, make_optimizer, total_steps, truncate_metrics
 from mlpmem.config import FinetuneConfig
-from mlpmem.errors import ConfigError, DivergedError, StageError
+from mlpmem.errors import ConfigError, StageError
 from mlpmem.files import atomic_write_json, fingerprint, read_json, swapped_directory
 from mlpmem.runtime import fault_point, progress
 
@@ -307,17 +307,7 @@ def finetune_lm(
                    unit_scale=True, desc=f"finetune ({cfg.mode})", show=main)
     acc = torch.zeros(2, dtype=torch.float32, device=device)  # loss, grad_norm summed since the last log line
     acc_steps, t_log, t0, start_step = 0, time.perf_counter(), time.perf_counter(), step
-    # first step whose loss or gradient norm was not finite (-1: none): checked before anything is written
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_vals = torch.zeros(2, dtype=torch.float32, device=device)
-
-    def check_finite() -> None:
-        at = int(bad_step.item())
-        if at >= 0:
-            loss_v, gn = bad_vals.tolist()
-            raise DivergedError(f"fine-tuning diverged at step {at}: loss {loss_v:g}, gradient norm {gn:g} (lr "
-                                f"{lr_at(at - 1, cfg, total):g}); nothing after the last good checkpoint was kept. "
-                                "Rerun with a lower --finetune.lr (or more --finetune.warmup_steps) and --force")
+    diverged = DivergenceWatch(device, "fine-tuning", "finetune")
 
     model.train()
     fork_devices = [device] if device.type == "cuda" else []
@@ -347,9 +337,7 @@ def finetune_lm(
                 mean = loss_sum / n_glob
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-                newly = ~(torch.isfinite(mean) & torch.isfinite(gnorm)) & (bad_step < 0)
-                bad_step = torch.where(newly, step + 1, bad_step)
-                bad_vals = torch.where(newly, torch.stack([mean.float(), gnorm.detach().float()]), bad_vals)
+                diverged.update(step + 1, mean, gnorm)
                 opt.step()
                 step += 1
                 acc += torch.stack([mean, gnorm.detach().float()])
@@ -357,7 +345,7 @@ def finetune_lm(
                 bar.update(n_glob)
 
                 if step == total or step % cfg.eval_every == 0 or step % cfg.save_every == 0:
-                    check_finite()
+                    diverged.check(lambda s: lr_at(s, cfg, total))
                     now = time.perf_counter()
                     a = (acc / acc_steps).tolist()
                     seen = int(step_tokens[:step].sum())

@@ -193,6 +193,31 @@ def _rows_hash(rows: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 
+class DivergenceWatch:
+    """The first step whose loss or gradient norm was not finite, tracked on the device (no sync per step) and
+    checked before anything is written (metrics, best, last), so a diverged run never leaves a checkpoint of its
+    diverged steps or a complete manifest. ``what`` names the run and ``flags`` the config section in messages."""
+
+    def __init__(self, device: torch.device, what: str, flags: str):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.vals = torch.zeros(2, dtype=torch.float32, device=device)
+        self.what, self.flags = what, flags
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Record step ``step`` (1-based) if it is the first non-finite one."""
+        newly = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.step < 0)
+        self.step = torch.where(newly, step, self.step)
+        self.vals = torch.where(newly, torch.stack([loss.detach().float(), grad_norm.detach().float()]), self.vals)
+
+    def check(self, lr_of: Callable[[int], float]) -> None:
+        at = int(self.step.item())
+        if at >= 0:
+            loss_v, gn = self.vals.tolist()
+            raise DivergedError(f"{self.what} diverged at step {at}: loss {loss_v:g}, gradient norm {gn:g} (lr "
+                                f"{lr_of(at - 1):g}); nothing after the last good checkpoint was kept. Rerun with a "
+                                f"lower --{self.flags}.lr (or more --{self.flags}.warmup_steps) and --force")
+
+
 def is_distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
@@ -337,18 +362,7 @@ def train_memory(
     if resumed_acc is not None:  # steps since the last log line before the checkpoint: the next line averages them
         acc += torch.tensor(resumed_acc["sums"], dtype=torch.float32, device=device)
         acc_steps = int(resumed_acc["steps"])
-    # first step whose loss or gradient norm was not finite (-1: none), with those values; checked before anything
-    # is written (metrics, best, last), so a diverged run never leaves a checkpoint or a complete manifest
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_vals = torch.zeros(2, dtype=torch.float32, device=device)
-
-    def check_finite() -> None:
-        at = int(bad_step.item())
-        if at >= 0:
-            loss_v, gn = bad_vals.tolist()
-            raise DivergedError(f"training diverged at step {at}: loss {loss_v:g}, gradient norm {gn:g} (lr "
-                                f"{lr_at(at - 1, cfg, total):g}); nothing after the last good checkpoint was kept. "
-                                "Rerun with a lower --train.lr (or more --train.warmup_steps) and --force")
+    diverged = DivergenceWatch(device, "training", "train")
 
     seen = [0, 0]  # positions this rank trained on, and their sum: shows each rank took its own share
     fork_devices = [device] if device.type == "cuda" else []
@@ -373,9 +387,7 @@ def train_memory(
                     dist.all_reduce(stats)
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
                 gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), clip)
-                newly = ~(torch.isfinite(stats[0]) & torch.isfinite(gnorm)) & (bad_step < 0)
-                bad_step = torch.where(newly, step + 1, bad_step)
-                bad_vals = torch.where(newly, torch.stack([stats[0].float(), gnorm.detach().float()]), bad_vals)
+                diverged.update(step + 1, stats[0], gnorm)
                 opt.step()
                 step += 1
                 seen[0] += len(mine)
@@ -388,7 +400,7 @@ def train_memory(
                 boundary = step == total or not (step % cfg.log_every and step % cfg.eval_every and
                                                  step % cfg.save_every)
                 if boundary:
-                    check_finite()
+                    diverged.check(lambda s: lr_at(s, cfg, total))
                 if step % cfg.log_every == 0 or step == total:
                     now = time.perf_counter()
                     rate = acc_steps * cfg.batch_size / max(now - t_log, 1e-9)

@@ -13,20 +13,14 @@ from mlpmem.components.index import build_index, exact_search, recall_at_k, reso
 from mlpmem.components.knn import recompute_distances
 from mlpmem.config import Config
 from mlpmem.files import fingerprint
-from mlpmem.runtime import barrier, dist_info
+from mlpmem.runtime import on_main
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    if not dist_info().is_main:  # one index per run; the other ranks wait
-        barrier()
-        return {}
-    try:
-        return _index(cfg)
-    finally:
-        barrier()
+    return on_main(_index, cfg)  # one index per run; the other ranks wait
 
 
 def _index(cfg: Config) -> dict:

@@ -15,20 +15,14 @@ from mlpmem.components.lm import load_tokenizer, tokenizer_hash
 from mlpmem.config import Config
 from mlpmem.errors import CorpusError
 from mlpmem.files import atomic_save_npy, fingerprint
-from mlpmem.runtime import barrier, dist_info, fault_point
+from mlpmem.runtime import fault_point, on_main
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    if not dist_info().is_main:
-        barrier()
-        return {}
-    try:
-        return _prepare(cfg)
-    finally:
-        barrier()
+    return on_main(_prepare, cfg)
 
 
 def _prepare(cfg: Config) -> dict:

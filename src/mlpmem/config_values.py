@@ -1,0 +1,113 @@
+"""Typed values from YAML or command-line strings: coercion to a field's type and building nested dataclasses,
+with errors that name the flag (``--train.lr: expected a number``). No knowledge of mlpmem's own sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from mlpmem.errors import ConfigError
+
+
+def _coerce(value: Any, tp: Any, flag: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp``; raise ConfigError naming ``flag``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(value, args[0], flag)
+    if value is None:  # YAML `null` / `~` for an option that has no "none" meaning
+        raise ConfigError(f"--{flag}: a value is required (null is not allowed here)")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ConfigError(f"--{flag}: cannot parse the list {value!r}") from None
+            else:
+                parsed = [v.strip() for v in value.split(",")]
+            value = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"--{flag}: expected a list, got {value!r}")
+        return [_coerce(v, item, flag) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"--{flag}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "")
+        try:
+            return int(text)  # exact, also for values beyond float precision
+        except ValueError:
+            pass
+        try:
+            f = float(text)  # "1e6", "1024.0"
+        except ValueError:
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or not f.is_integer():
+            raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"--{flag}: expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{flag}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # no option means inf, and nan would pass checks like `not x < 0`
+            raise ConfigError(f"--{flag}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--{flag}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp} for {flag}")
+
+
+def build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        flag = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"--{flag}: unknown option (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"--{flag}: expected a section (mapping), got {value!r}")
+            kwargs[key] = build(tp, value, f"{flag}.")
+        else:
+            v = _coerce(value, tp, flag)
+            choices = names[key].metadata.get("choices")
+            if choices and v not in choices:
+                raise ConfigError(f"--{flag}: must be one of {', '.join(map(str, choices))}, got {v!r}")
+            kwargs[key] = v
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
