@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -148,3 +150,10 @@ def test_every_option_has_help_and_a_valid_default():
         else:
             value = "none" if node is None else str(node)
         assert dataclasses.asdict(load_config(None, {name: value})) == d, name
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_presets_load(preset):
+    """Every shipped preset is valid against the current options (a renamed option would break it)."""
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{preset}.yaml")
+    assert cfg.out_dir.startswith("runs/")
