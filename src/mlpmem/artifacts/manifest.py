@@ -121,7 +121,8 @@ def verify_chain(run_dir: str | Path, key: str, stage: str, _seen: dict | None =
             raise StageError(f"{where} ({stage}) is stale: it was made from an older {up_stage} output in {up_dir} "
                              f"(rerun since). Rerun `{COMMANDS[stage]} --force` and the stages after it, or "
                              "`mlpmem pipeline`, which rebuilds stale stages")
-        if not Path(up_key).is_absolute():  # another run's artifact (a teacher): its own chain is that run's
+        # this run's artifact: down its chain too; another run's (an absolute key, a teacher's) is that run's care
+        if not Path(up_key).is_absolute():
             verify_chain(run_dir, up_key, up_stage, seen)
     seen[str(where)] = m
     return m

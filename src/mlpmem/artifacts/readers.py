@@ -123,7 +123,10 @@ class Datastore:
         return is_complete(self.run_dir / DATASTORE_VAL)
 
     def validation(self) -> "Datastore":
-        return Datastore(self.run_dir, split="validation")
+        """The validation positions' keys (opened and checked once per Datastore)."""
+        if not hasattr(self, "_validation"):
+            self._validation = Datastore(self.run_dir, split="validation")
+        return self._validation
 
     @property
     def vals(self) -> np.ndarray:
