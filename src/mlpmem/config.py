@@ -344,6 +344,49 @@ class CompareConfig:
                "full-ce reuses full's datastore and targets: list full too")
 
 
+SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate")
+
+
+@dataclass
+class SweepConfig:
+    points: list[dict] = opt([], "Runs of `mlpmem sweep`, each a mapping of options to change from this config, e.g. "
+                             "[{memory.num_blocks: 2}, {train.epochs: 4}]; {} is the config itself. Each point is a "
+                             "run directory under --out_dir/<sweep.name>/ that links every stage output whose "
+                             "settings and inputs it shares with --out_dir and runs the others, then eval.")
+    eval: dict = opt({"splits": ["validation"], "systems": ["base", "memory"]}, "eval options of every point (what "
+                     "is measured; they never make a stage rerun): by default validation only, since a study "
+                     "chooses on validation.")
+    name: str = opt("sweep", "Sub-directory of --out_dir holding the points, results.json, results.md and plots.")
+
+    def validate(self, p: str) -> None:
+        for point in self.points:
+            for key in point:
+                _check("." in key or key == "seed", f"{p}.points",
+                       f"{key!r}: name options as section.option (e.g. memory.num_blocks)")
+                _check(key.split(".")[0] not in SWEEP_EXCLUDED, f"{p}.points",
+                       f"{key!r}: a point cannot change {key.split('.')[0]}")
+        _check(len({point_name(pt) for pt in self.points}) == len(self.points), f"{p}.points", "lists a point twice")
+        _check(all("." not in k for k in self.eval), f"{p}.eval",
+               "name eval options without the section (splits, not eval.splits)")
+        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), f"{p}.name",
+               f"must be a plain directory name, got {self.name!r}")
+
+
+def point_name(point: dict) -> str:
+    """A point's canonical name: 'base' for {}, else its options sorted, 'memory.num_blocks=2,train.epochs=4'."""
+    if not point:
+        return "base"
+    return ",".join(f"{k}={_short(v)}" for k, v in sorted(point.items()))
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(_short, v))
+    return str(v)
+
+
 @dataclass
 class Config:
     out_dir: str = opt("runs/demo", "Run directory: every stage writes its artifacts and manifest under it.")
@@ -363,6 +406,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -386,20 +430,40 @@ class Config:
 
 # ----------------------------------------------------------------------------- parsing
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, sections merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a tree; ``include: other.yaml`` (relative to this file) is read first and this file's
+    values go on top, so a study or a variant states only what differs from its preset."""
+    if not p.is_file():
+        where = f" (included from {seen[-1]})" if seen else ""
+        raise ConfigError(f"--config: file {str(p)!r} not found{where}")
+    if p.resolve() in seen:
+        raise ConfigError(f"--config: {p} includes itself (through {' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping of sections")
+    inc = loaded.pop("include", None)
+    if inc is None:
+        return loaded
+    if not isinstance(inc, str):
+        raise ConfigError(f"--config: {p}: include must name one YAML file, got {inc!r}")
+    return _merge(_read_yaml(p.parent / inc, seen + (p.resolve(),)), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Build a Config from an optional YAML file and ``{"train.lr": "1e-3"}``-style overrides."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: file {str(p)!r} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections")
-        tree = loaded
+    """Build a Config from an optional YAML file (which may ``include:`` another) and ``{"train.lr": "1e-3"}``-style
+    overrides."""
+    tree: dict = _read_yaml(Path(path)) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         set_dotted(tree, dotted, value)
     # validation of sub-sections happens inside Config.__post_init__, with section-prefixed flags

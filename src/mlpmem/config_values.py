@@ -38,6 +38,15 @@ def _coerce(value: Any, tp: Any, flag: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"--{flag}: expected a list, got {value!r}")
         return [_coerce(v, item, flag) for v in value]
+    if tp is dict or origin is dict:  # a free-form mapping (e.g. a sweep point's overrides)
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--{flag}: cannot parse the mapping {value!r}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"--{flag}: expected a mapping ({{option: value}}), got {value!r}")
+        return {str(k): v for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -21,6 +21,16 @@ class Stage:
     target: str  # "module:function" run as fn(cfg)
     writes: bool = True  # takes the run directory's lock
     in_pipeline: bool = True
+    output: str | None = None  # its directory in the run dir (eval's is --eval.out_name, "eval" by default)
+    reads_only: tuple[str, ...] = ()  # of the sections it reads only in part, the options it reads
+
+    def reads(self, option: str) -> bool:
+        """Whether the dotted ``option`` (e.g. 'train.epochs') can change what this stage makes."""
+        section = option.split(".")[0]
+        if section not in self.sections:
+            return False
+        partial = {o.split(".")[0] for o in self.reads_only}
+        return section not in partial or option in self.reads_only
 
     @property
     def run(self) -> Callable:
@@ -30,25 +40,26 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "Tokenize the corpus into train/validation/test streams.",
-          ("model", "data"), (), "mlpmem.stages.prepare:run"),
+          ("model", "data"), (), "mlpmem.stages.prepare:run", output="data"),
     Stage("finetune", "Fine-tune the base LM on the train split (full or LoRA); later stages then use it as the base "
           "model. A no-op with --finetune.mode none (the default).",
-          ("model", "data", "window", "finetune"), ("prepare",), "mlpmem.stages.finetune:run"),
+          ("model", "data", "window", "finetune"), ("prepare",), "mlpmem.stages.finetune:run", output="finetune"),
     Stage("extract", "Store the base LM's keys (hidden states) and values (next tokens) over the train split.",
           ("model", "data", "window", "finetune", "extract", "train"), ("prepare", "finetune"),
-          "mlpmem.stages.extract:run"),
+          "mlpmem.stages.extract:run", output="datastore", reads_only=("train.val_positions",)),
     Stage("index", "Build a FAISS index over the stored keys and report its recall against exact search.",
-          ("index", "knn"), ("extract",), "mlpmem.stages.index:run"),
+          ("index", "knn"), ("extract",), "mlpmem.stages.index:run", output="index", reads_only=("knn.k",)),
     Stage("knn-targets", "Search each train position's neighbours (leave-one-out) and store sparse kNN targets; "
           "their temperature is kNN-LM's best on validation unless --knn.temperature is set.",
           ("model", "window", "finetune", "extract", "index", "knn", "train", "eval"), ("extract", "index"),
-          "mlpmem.stages.targets:run"),
+          "mlpmem.stages.targets:run", output="targets",
+          reads_only=("train.val_positions", "eval.knn_temperatures")),
     Stage("train", "Train the MLP memory on the kNN targets (offline keys or online LM).",
           ("model", "window", "finetune", "extract", "knn", "memory", "train"), ("extract", "knn-targets"),
-          "mlpmem.stages.train:run"),
+          "mlpmem.stages.train:run", output="memory"),
     Stage("eval", "Perplexity of base LM, kNN-LM, memory and their mixtures; lambda tuned on validation.",
           ("model", "data", "window", "finetune", "extract", "index", "knn", "memory", "eval"),
-          ("prepare", "extract", "index", "train"), "mlpmem.stages.eval:run"),
+          ("prepare", "extract", "index", "train"), "mlpmem.stages.eval:run", output="eval"),
     Stage("generate", "Generate with the base LM with and without the memory mixed in.",
           ("model", "finetune", "extract", "memory", "eval", "generate"), ("train", "eval"),
           "mlpmem.stages.generate:run",
@@ -69,6 +80,11 @@ COMMANDS: dict[str, Stage] = {
                      "kNN-LM and the memory, and the alpha = 0 control, side by side with bootstrap intervals.",
                      tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("compare",), (),
                      "mlpmem.compare:run", in_pipeline=False),
+    "sweep": Stage("sweep", "A study over settings (--sweep.points, e.g. memory sizes and epochs): each point a run "
+                   "directory that links the base run's outputs it shares and runs the rest, then eval; one "
+                   "table, JSON and plot.",
+                   tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("sweep",), (),
+                   "mlpmem.sweep:run", in_pipeline=False),
     "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
                           "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
 }

@@ -1,0 +1,242 @@
+"""`mlpmem sweep`: a study over settings, each point a run directory that shares what it can with the base run.
+
+Points are mappings of options to change (``--sweep.points``), e.g. memory sizes and epochs on one datastore. For
+each point, walking the stage table in order, a stage is **shared** (its output in --out_dir is built there once,
+then linked into the point) when none of the point's options is in the config sections the stage reads and none
+of its upstream stages ran in the point; otherwise it **runs** in the point's own directory
+``<out_dir>/<sweep.name>/<point>``. Eval always runs in the point, with ``--sweep.eval`` (by default validation
+only, base and memory: a study chooses on validation). So a memory-size point trains and evaluates a memory and
+links the data, datastore, index and targets; a point changing the corpus would rebuild everything.
+
+Every stage resumes as it does alone (manifests), so an interrupted sweep goes on where it stopped. The results
+(``results.json``, ``results.md``, ``sweep.png``) are rebuilt from the finished points' eval results each time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from mlpmem.artifacts import MEMORY, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
+    rebuilding_stale
+from mlpmem.config import Config, load_config, point_name
+from mlpmem.errors import ConfigError
+from mlpmem.files import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+MEASURED = ("base", "knn", "memory", "memory alone", "memory+knn")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def point_config(cfg: Config, point: dict) -> Config:
+    """The point's config: ``cfg`` with the point's options and --sweep.eval, its own out_dir, no sweep."""
+    flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not k.startswith("sweep.")}
+    evals = {f"eval.{k}": v for k, v in cfg.sweep.eval.items()}
+    out = cfg.run_dir / cfg.sweep.name / point_name(point)
+    try:
+        return load_config(None, {**flat, **point, **evals, "out_dir": str(out), "force": False})
+    except ConfigError as e:
+        raise ConfigError(f"--sweep.points: point {point_name(point)}: {e}") from None
+
+
+def plan(cfg: Config, point: dict) -> list[tuple[str, str]]:
+    """(stage, 'shared' | 'run') for each pipeline stage up to eval, in order."""
+    from mlpmem.stages import pipeline_stages
+
+    ran: set[str] = set()
+    out = []
+    for stage in pipeline_stages():
+        if stage.name == "generate":
+            continue
+        if stage.name == "eval" or any(stage.reads(k) for k in point) or ran & set(stage.upstream):
+            ran.add(stage.name)
+            out.append((stage.name, "run"))
+        else:
+            out.append((stage.name, "shared"))
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() and dst.resolve() == src.resolve():
+        return
+    if dst.is_symlink() or dst.exists():
+        raise FileExistsError(f"{dst} exists and is not a link to {src}: remove it or choose another --sweep.name")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src.resolve(), target_is_directory=True)
+
+
+def _created(stage_dir: Path) -> str | None:
+    return (read_manifest(stage_dir) or {}).get("created")
+
+
+def run(cfg: Config) -> dict:
+    from mlpmem.stages import STAGES
+
+    if not cfg.sweep.points:
+        raise ConfigError("--sweep.points: list the points to run, e.g. '[{memory.num_blocks: 2}, {train.epochs: 2}]' "
+                          "({} is the config itself)")
+    root = cfg.run_dir / cfg.sweep.name
+    with rebuilding_stale():
+        for i, point in enumerate(cfg.sweep.points, 1):
+            pcfg = point_config(cfg, point)
+            name = point_name(point)
+            timings_path = pcfg.run_dir / "timings.json"
+            timings = read_json(timings_path) or {}
+            for stage, how in plan(cfg, point):
+                st = STAGES[stage]
+                output = pcfg.eval.out_name if stage == "eval" else st.output
+                if how == "shared":
+                    st.run(cfg)  # skips when done: the base run's output, built once for every point
+                    if output and (cfg.run_dir / output).exists():
+                        _link(cfg.run_dir / output, pcfg.run_dir / output)
+                    continue
+                log.info("=== sweep %d/%d (%s): %s ===", i, len(cfg.sweep.points), name, stage)
+                before = _created(pcfg.run_dir / output) if output else None
+                t0 = time.time()
+                st.run(pcfg)
+                if output and _created(pcfg.run_dir / output) != before:  # built now, not found done
+                    timings[stage] = round(time.time() - t0, 1)
+            pcfg.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(timings_path, timings)
+    res = collect(cfg)
+    atomic_write_json(root / "results.json", res)
+    atomic_write_text(root / "results.md", res["table"] + "\n")
+    plot_sweep(res, root / "sweep.png")
+    print(res["table"])
+    return res
+
+
+def collect(cfg: Config) -> dict:
+    """One row per finished point: perplexity per split and system at its tuned settings, memory size and training,
+    wall times, and bootstrap intervals of the point's memory against the base LM and against the base point."""
+    from mlpmem.components.tuning import bootstrap_changes, doc_ids_of, system_logprobs
+
+    rows, lp = [], {}
+    varied = sorted({k for pt in cfg.sweep.points for k in pt})
+    split = "validation" if "validation" in cfg.sweep.eval.get("splits", ["validation"]) else \
+        cfg.sweep.eval["splits"][0]
+    docs = None
+    for point in cfg.sweep.points:
+        pcfg = point_config(cfg, point)
+        name = point_name(point)
+        res = load_eval_results(pcfg.run_dir, pcfg.eval.out_name)
+        if res is None:
+            continue
+        mem_m = read_manifest(pcfg.run_dir / MEMORY) or {}
+        summary = mem_m.get("summary") or {}
+        flat = _flat(pcfg.to_dict())
+        row = {"point": name, "options": point, "values": {k: flat.get(k) for k in varied},
+               "settings": res["settings"], "edges": res.get("edges", {}),
+               "ppl": {s: {k: v["ppl"] for k, v in entry["systems"].items()} for s, entry in res["splits"].items()},
+               "memory_params": mem_m.get("params"), "memory_bytes": mem_m.get("bytes"),
+               "memory_blocks": (mem_m.get("memory_config") or {}).get("num_blocks"),
+               "train_epochs": pcfg.train.epochs, "train_steps": summary.get("steps"),
+               "best_step": summary.get("best_step"), "best_val_loss": summary.get("best_val_loss"),
+               "train_tokens_per_s": summary.get("tokens_per_s"),
+               "wall_seconds": read_json(pcfg.run_dir / "timings.json") or {}}
+        if split in res["splits"]:
+            scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
+            for system in ("base", "memory", "knn"):
+                if system in res["settings"]:
+                    lp[(name, system)] = system_logprobs(scored, system, res["settings"][system], pcfg)
+            if docs is None:
+                docs = doc_ids_of(load_offsets(pcfg.run_dir, split), scored.n)
+        rows.append(row)
+    names = [r["point"] for r in rows]
+    ref = "base" if "base" in names else None
+    if docs is not None and lp:
+        sizes = {len(v) for v in lp.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"the points scored different numbers of {split} tokens: not the same text")
+        labels = {f"{n}|{s}": v for (n, s), v in lp.items()}
+        pairs = []
+        for n in names:
+            if f"{n}|memory" in labels and f"{n}|base" in labels:
+                pairs.append((f"{n}|memory", f"{n}|base"))
+            if ref and n != ref and f"{n}|memory" in labels and f"{ref}|memory" in labels:
+                pairs.append((f"{n}|memory", f"{ref}|memory"))
+        ci = bootstrap_changes(labels, docs, pairs, seed=cfg.seed)
+        for r in rows:
+            n = r["point"]
+            r["memory_vs_base_lm"] = ci.get((f"{n}|memory", f"{n}|base"))
+            r["memory_vs_base_point"] = ci.get((f"{n}|memory", f"{ref}|memory")) if ref else None
+    return {"split": split, "reference_point": ref, "rows": rows, "table": _markdown(rows, split, ref)}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def _ci(c: dict | None) -> str:
+    return f"{_pct(c['change'])} [{_pct(c['ci95'][0])}, {_pct(c['ci95'][1])}]" if c else ""
+
+
+def _markdown(rows: list[dict], split: str, ref: str | None) -> str:
+    from mlpmem.components.report import fmt_params
+
+    lines = [f"| point | memory params | epochs (steps) | {split} PPL: base LM | memory alone | base + memory "
+             f"(lam, T_mem) | vs base LM (95% CI) | vs point {ref or '-'} | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["ppl"].get(split, {})
+        st = r["settings"].get("memory", {})
+        nan = float("nan")
+        edge = f" (edge: {', '.join(r['edges']['memory'])})" if r["edges"].get("memory") else ""
+        mix = f"{p['memory']:.3f} ({st.get('lam', nan):.2f}, {st.get('T_mem', nan):g}){edge}" if "memory" in p else "-"
+        alone = f"{p['memory alone']:.3f}" if "memory alone" in p else "-"
+        params = fmt_params(r["memory_params"]) if r["memory_params"] else "-"
+        lines.append(f"| {r['point']} | {params} | {r['train_epochs']:g} ({r['train_steps'] or '-'}) | "
+                     f"{p.get('base', nan):.3f} | {alone} | {mix} | {_ci(r.get('memory_vs_base_lm'))} | "
+                     f"{_ci(r.get('memory_vs_base_point'))} | {r['wall_seconds'].get('train', '-')} |")
+    lines += ["", f"Settings tuned on validation per point; intervals: paired bootstrap over the documents of {split}."]
+    return "\n".join(lines)
+
+
+def plot_sweep(res: dict, path: Path) -> bool:
+    """One panel per option varied alone (the points that change one option, plus the base point): the base +
+    memory mixture's and the memory alone's perplexity against the option's value, the base LM as a line."""
+    rows = res["rows"]
+    split = res["split"]
+    ref = next((r for r in rows if r["point"] == "base"), None)
+    keys = sorted({k for r in rows if len(r["options"]) == 1 for k in r["options"]})
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [r for r in rows if list(r["options"]) == [key] or r is ref]
+        pts = [r for r in pts if r["values"].get(key) is not None and "memory" in r["ppl"].get(split, {})]
+        pts.sort(key=lambda r: r["values"][key])
+        xs = [r["values"][key] for r in pts]
+        for system, style in (("memory", "o-"), ("memory alone", "s--")):
+            ax.plot(xs, [r["ppl"][split][system] for r in pts], style, label="base + memory" if system == "memory"
+                    else "memory alone")
+        if pts:
+            ax.axhline(pts[0]["ppl"][split]["base"], color="grey", ls=":", label="base LM")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{split} perplexity")
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and len(xs) > 1 and max(xs) / min(xs) >= 4:
+            ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+

@@ -1,0 +1,99 @@
+"""`mlpmem sweep` on a tiny random model: points link what they share with the base run and run the rest, the
+table and JSON cover every point with intervals, an interrupted sweep resumes, and configs can include presets."""
+
+import json
+
+import pytest
+import yaml
+
+from helpers import make_texts, tiny_config, write_corpus
+from mlpmem.cli import main
+from mlpmem.config import ConfigError, load_config, point_name
+from mlpmem.sweep import plan
+
+
+def _cfg_file(tmp_path, **over):
+    write_corpus(tmp_path / "corpus.txt", make_texts(20) * 4)
+    cfg = tiny_config(tmp_path, "llama", **over)
+    d = cfg.to_dict()
+    d["sweep"] = {"points": [{}, {"memory.num_blocks": 2}, {"train.epochs": 2}], "name": "study"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    return tmp_path / "cfg.yaml"
+
+
+def test_sweep_links_shared_stages_and_reports_every_point(tmp_path, capsys):
+    path = _cfg_file(tmp_path)
+    assert main(["sweep", "--config", str(path)]) == 0
+    root, study = tmp_path / "run", tmp_path / "run" / "study"
+    for name in ("base", "memory.num_blocks=2", "train.epochs=2"):
+        for d in ("data", "datastore", "index", "targets"):
+            assert (study / name / d).is_symlink() and (study / name / d).resolve() == (root / d).resolve(), (name, d)
+        assert (study / name / "eval" / "manifest.json").is_file()
+    # the base point shares the base run's memory; the others trained their own
+    assert (study / "base" / "memory").resolve() == (root / "memory").resolve()
+    for name in ("memory.num_blocks=2", "train.epochs=2"):
+        assert not (study / name / "memory").is_symlink()
+    m2 = json.loads((study / "memory.num_blocks=2" / "memory" / "manifest.json").read_text())
+    assert m2["memory_config"]["num_blocks"] == 2
+    steps = {p: json.loads((study / p / "memory" / "manifest.json").read_text())["summary"]["steps"]
+             for p in ("memory.num_blocks=2", "train.epochs=2")}
+    assert steps["train.epochs=2"] >= 2 * steps["memory.num_blocks=2"] - 1
+    res = json.loads((study / "results.json").read_text())
+    rows = {r["point"]: r for r in res["rows"]}
+    assert set(rows) == {"base", "memory.num_blocks=2", "train.epochs=2"}
+    assert res["split"] == "validation" and res["reference_point"] == "base"
+    for name, r in rows.items():
+        assert set(r["ppl"]) == {"validation"}  # --sweep.eval: validation only
+        assert r["memory_vs_base_lm"]["ci95"][0] <= r["memory_vs_base_lm"]["change"] <= \
+            r["memory_vs_base_lm"]["ci95"][1]
+        assert (r["memory_vs_base_point"] is None) == (name == "base")
+    # the base LM is the same model on the same tokens at every point
+    assert len({round(r["ppl"]["validation"]["base"], 9) for r in rows.values()}) == 1
+    assert rows["memory.num_blocks=2"]["memory_params"] > rows["base"]["memory_params"]
+    assert rows["train.epochs=2"]["values"] == {"memory.num_blocks": 1, "train.epochs": 2.0}
+    assert "train" in rows["train.epochs=2"]["wall_seconds"] and "train" not in rows["base"]["wall_seconds"]
+    assert (study / "sweep.png").stat().st_size > 0
+    assert "| memory.num_blocks=2 |" in capsys.readouterr().out
+    # a second call finds every point done: nothing is trained again, the table is the same
+    mtime = (study / "train.epochs=2" / "memory" / "manifest.json").stat().st_mtime_ns
+    assert main(["sweep", "--config", str(path)]) == 0
+    assert (study / "train.epochs=2" / "memory" / "manifest.json").stat().st_mtime_ns == mtime
+    assert json.loads((study / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_sweep_plan_follows_the_options_each_stage_reads(tmp_path):
+    cfg = load_config(_cfg_file(tmp_path))
+    ran = lambda pt: [s for s, how in plan(cfg, pt) if how == "run"]  # noqa: E731
+    assert ran({}) == ["eval"]
+    assert ran({"train.epochs": 4}) == ["train", "eval"]  # extract reads train.val_positions only
+    assert ran({"train.val_positions": 50}) == ["extract", "index", "knn-targets", "train", "eval"]
+    assert ran({"knn.temperature": 1.0}) == ["knn-targets", "train", "eval"]  # the index reads knn.k only
+    assert ran({"data.max_train_tokens": 500})[:3] == ["prepare", "finetune", "extract"]
+    assert point_name({"train.epochs": 4.0, "memory.num_blocks": 2}) == "memory.num_blocks=2,train.epochs=4"
+
+
+def test_sweep_refuses_bad_points(tmp_path):
+    path = _cfg_file(tmp_path)
+    with pytest.raises(ConfigError, match="sweep.points.*out_dir"):
+        load_config(path, {"sweep.points": "[{out_dir: x}]"})
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(path, {"sweep.points": "[{train.epochs: 2}, {train.epochs: 2}]"})
+    with pytest.raises(ConfigError, match="section.option"):
+        load_config(path, {"sweep.points": "[{epochs: 2}]"})
+    cfg = load_config(path, {"sweep.points": "[{train.epochz: 2}]"})
+    assert main(["sweep", "--config", str(path), "--sweep.points", "[{train.epochz: 2}]"]) == 2
+    assert cfg.sweep.points == [{"train.epochz": 2}]
+    assert main(["sweep", "--config", str(path), "--sweep.points", "[]"]) == 2
+
+
+def test_config_include_merges_sections(tmp_path):
+    (tmp_path / "base.yaml").write_text("out_dir: a\ntrain: {lr: 0.1, epochs: 3}\nmemory: {num_blocks: 2}\n")
+    (tmp_path / "study.yaml").write_text("include: base.yaml\ntrain: {epochs: 5}\n")
+    cfg = load_config(tmp_path / "study.yaml", {"memory.num_blocks": "7"})
+    assert (cfg.out_dir, cfg.train.lr, cfg.train.epochs, cfg.memory.num_blocks) == ("a", 0.1, 5.0, 7)
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*included from"):
+        load_config(tmp_path / "missing.yaml")
