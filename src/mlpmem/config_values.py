@@ -27,7 +27,9 @@ def _coerce(value: Any, tp: Any, flag: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            if value.strip().startswith("["):
+            if not value.strip():
+                parsed = []
+            elif value.strip().startswith("["):
                 try:
                     parsed = yaml.safe_load(value)
                 except yaml.YAMLError:
