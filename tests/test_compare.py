@@ -11,7 +11,9 @@ from mlpmem.cli import main
 
 def test_compare_runs_every_variant_side_by_side(tmp_path, capsys):
     write_corpus(tmp_path / "corpus.txt", make_texts(20) * 4)
-    cfg = tiny_config(tmp_path, "llama", **{"finetune.max_steps": 12, "finetune.batch_size": 4, "finetune.lr": 1e-3,
+    cfg = tiny_config(tmp_path, "llama", **{"joint.max_steps": 4, "joint.batch_size": 4, "joint.eval_every": 2,
+                                            "joint.save_every": 2, "joint.val_windows": 8, "joint.lam": 0.5,
+                                            "finetune.max_steps": 12, "finetune.batch_size": 4, "finetune.lr": 1e-3,
                                             "finetune.eval_every": 6, "finetune.save_every": 6,
                                             "finetune.val_windows": 8, "train.epochs": 2})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
@@ -21,7 +23,8 @@ def test_compare_runs_every_variant_side_by_side(tmp_path, capsys):
     rows = {r["row"]: r for r in res["rows"]}
     assert set(rows) == {"base LM", "base + kNN-LM", "base + memory", "base + memory + kNN-LM", "fine-tuned (full)",
                          "fine-tuned (LoRA)", "fine-tuned + kNN-LM", "fine-tuned + memory",
-                         "fine-tuned + memory + kNN-LM", "fine-tuned + memory, alpha = 0 (control)"}
+                         "fine-tuned + memory + kNN-LM", "fine-tuned + memory, alpha = 0 (control)",
+                         "fine-tuned + memory, then trained jointly", "its jointly trained LM without the memory"}
     # the variants share the prepared text; the control shares the fine-tuned model, datastore and targets
     for v in ("full", "lora", "full-ce"):
         assert (root / v / "data").is_symlink() and (root / v / "data").resolve() == (root / "vanilla" / "data")
@@ -41,6 +44,13 @@ def test_compare_runs_every_variant_side_by_side(tmp_path, capsys):
     assert ("fine-tuned + memory", "fine-tuned + memory, alpha = 0 (control)") in pairs
     assert ("fine-tuned + memory", "fine-tuned (full)") in pairs
     assert res["tokens"] > 0 and res["documents"] >= 2
-    assert set(res["wall_seconds"]) == {"vanilla", "full", "lora", "full-ce"}
+    assert set(res["wall_seconds"]) == {"vanilla", "full", "lora", "full-ce", "joint"}
+    # joint starts from full's fine-tuned LM and memory (LoRA unless --joint.mode says otherwise), scored as a pair
+    jm = json.loads((root / "joint" / "joint" / "manifest.json").read_text())
+    assert jm["mode"] == "lora" and jm["upstream"]["memory"] == json.loads(
+        (root / "full" / "memory" / "manifest.json").read_text())["fingerprint"]
+    assert (root / "joint" / "eval").resolve() == (root / "full" / "eval").resolve()
+    assert "joint" in rows["fine-tuned + memory, then trained jointly"]["compute"]
+    assert ("fine-tuned + memory, then trained jointly", "fine-tuned + memory") in pairs
     out = capsys.readouterr().out
     assert "| fine-tuned + memory" in out and "Paired bootstrap" in out

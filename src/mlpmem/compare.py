@@ -10,6 +10,8 @@ fine-tuned model, datastore, index and targets for the control), then puts the r
     full      the base fine-tuned on the train split (all weights), + kNN-LM, + memory, + memory + kNN-LM
     lora      the base fine-tuned with LoRA adapters
     full-ce   the memory on the fine-tuned base trained with --train.alpha 0 (no kNN targets): the control
+    joint     full's LM and memory then trained together on the mixture's loss (`mlpmem joint`, --joint.mode,
+              LoRA unless set), scored as a pair and its LM alone
 
 with parameters, storage, training compute, inference tokens/s and a paired bootstrap interval (over documents)
 for every change against the vanilla base, and for the comparisons that decide the question.
@@ -21,7 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlpmem.artifacts import (DATA, FINETUNE, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
+from mlpmem.artifacts import (DATA, FINETUNE, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
                               read_manifest)
 from mlpmem.components.report import fmt_params
 from mlpmem.config import Config, load_config
@@ -37,6 +39,9 @@ VARIANTS = {
     "lora": ({"finetune.mode": "lora", "eval.systems": ["base"]}, "vanilla", (DATA,), ("finetune", "eval")),
     "full-ce": ({"finetune.mode": "full", "train.alpha": 0.0, "eval.systems": ["base", "memory"]}, "full",
                 (DATA, FINETUNE, "datastore", "index", TARGETS), ("train", "eval")),
+    "joint": ({"finetune.mode": "full", "eval.joint": True, "eval.out_name": "eval-joint",
+               "eval.systems": ["base", "memory"]}, "full",
+              (DATA, FINETUNE, "datastore", "index", TARGETS, MEMORY, "eval"), ("joint", "eval")),
 }
 # table rows: (label, variant, system)
 ROWS = [
@@ -50,6 +55,8 @@ ROWS = [
     ("fine-tuned + memory", "full", "memory"),
     ("fine-tuned + memory + kNN-LM", "full", "memory+knn"),
     ("fine-tuned + memory, alpha = 0 (control)", "full-ce", "memory"),
+    ("fine-tuned + memory, then trained jointly", "joint", "memory"),
+    ("its jointly trained LM without the memory", "joint", "base"),
 ]
 # the comparisons that answer "build a memory, or just fine-tune?" (a row vs another; both must exist)
 PAIRS = [
@@ -59,6 +66,8 @@ PAIRS = [
     ("fine-tuned + memory", "fine-tuned + memory, alpha = 0 (control)"),
     ("fine-tuned + memory + kNN-LM", "fine-tuned + kNN-LM"),
     ("base + memory", "base + kNN-LM"),
+    ("fine-tuned + memory, then trained jointly", "fine-tuned + memory"),
+    ("fine-tuned + memory, then trained jointly", "fine-tuned (full)"),
 ]
 
 
@@ -76,6 +85,8 @@ def variant_config(cfg: Config, name: str) -> Config:
     overrides = dict(VARIANTS[name][0])
     if name == "lora":
         overrides["finetune.lr"] = cfg.compare.lora_lr
+    if name == "joint" and cfg.joint.mode == "none":
+        overrides["joint.mode"] = "lora"
     return load_config(None, {**_flat(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
 
 
@@ -119,6 +130,9 @@ def _compute(vdir: Path, system: str, batch_size: int) -> str:
     ft = read_manifest(vdir / FINETUNE) or {}
     if ft.get("tokens"):
         parts.append(f"FT {ft['tokens'] / 1e3:.0f}K tok ({ft['epochs']:.2g} ep)")
+    jm = read_manifest(vdir / JOINT) or {}
+    if jm.get("tokens"):
+        parts.append(f"joint {jm['tokens'] / 1e3:.0f}K tok ({jm['epochs']:.2g} ep, {jm['mode']})")
     if system in ("knn", "memory", "memory+knn"):
         ds = read_manifest(vdir / "datastore") or {}
         parts.append(f"fwd {ds.get('n_positions', 0) / 1e3:.0f}K")

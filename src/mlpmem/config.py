@@ -127,6 +127,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class JointConfig(FinetuneConfig):
+    mode: str = opt("none", "`mlpmem joint`: train the LM (its LoRA adapters, or all weights) and the trained memory "
+                    "together on the mixture's next-token loss, -log((1 - lam) p_LM + lam p_mem), gradients flowing "
+                    "into both; 'none' does nothing.", ("none", "full", "lora"))
+    lr: float = opt(1e-4, "AdamW peak learning rate of the LM's trainable weights and the memory alike.")
+    lam: float | None = opt(None, "Memory weight in the trained mixture; None: the lambda `eval` tuned for the memory.")
+    memory_trains: bool = opt(True, "Update the memory too (false: only the LM adapts to the frozen memory).")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        _check(self.lam is None or 0.0 < self.lam <= 1.0, f"{p}.lam", "must be in (0, 1] or null")
+
+
+@dataclass
 class ExtractConfig:
     hook: str = opt("auto", "Module whose output is the key, as 'module.path' or 'module.path:input'. 'auto': the "
                     "pre-FFN norm of decoder layer `layer` (GPT-2 ln_2, Llama post_attention_layernorm).")
@@ -246,8 +260,16 @@ class EvalConfig:
     knn_k: int | None = opt(None, "Neighbours for kNN-LM evaluation; None: --knn.k.")
     lam: float | None = opt(None, "Fix lambda instead of tuning it on validation.")
     out_name: str = opt("eval", "Sub-directory of the run dir for results.")
+    joint: bool = opt(False, "Score the LM and memory trained together by `mlpmem joint` (run_dir/joint) instead of "
+                      "the base model and memory/; needs its own --eval.out_name (e.g. eval-joint) and systems "
+                      "base and memory only (the datastore was built from the LM before joint training).")
 
     def validate(self, p: str) -> None:
+        if self.joint:
+            _check(self.out_name != "eval", f"{p}.out_name", "--eval.joint writes its own results: name them, e.g. "
+                   "--eval.out_name eval-joint (eval/ holds the lambda joint training started from)")
+            _check(set(self.systems) <= {"base", "memory"}, f"{p}.systems", "with --eval.joint only base and memory "
+                   "(kNN-LM's datastore holds the keys of the LM before joint training)")
         for n in ("splits", "systems", "lambdas", "knn_temperatures", "memory_temperatures"):
             _check(len(getattr(self, n)) > 0, f"{p}.{n}", "must list at least one value")
         _check(self.knn_k is None or self.knn_k >= 1, f"{p}.knn_k", f"must be >= 1 or null, got {self.knn_k}")
@@ -321,7 +343,7 @@ class BenchConfig:
                f"must list one or more block counts >= 0 (0: the depth rule), got {self.memory_blocks}")
 
 
-COMPARE_VARIANTS = ("vanilla", "full", "lora", "full-ce")
+COMPARE_VARIANTS = ("vanilla", "full", "lora", "full-ce", "joint")
 
 
 @dataclass
@@ -329,7 +351,8 @@ class CompareConfig:
     variants: list[str] = opt(list(COMPARE_VARIANTS), "Runs of `mlpmem compare`, each a run directory under "
                               "--out_dir: vanilla (the base LM as given, + kNN-LM, + memory), full / lora (the base "
                               "fine-tuned on the train split, + kNN-LM and memory for full), full-ce (the memory on "
-                              "the fine-tuned base trained with --train.alpha 0: no kNN targets, the control).")
+                              "the fine-tuned base trained with --train.alpha 0: no kNN targets, the control), joint (full's LM and "
+                              "memory trained together on the mixture's loss, --joint.mode, LoRA unless set).")
     split: str = opt("test", "Split of the table (settings are tuned on validation).", ("validation", "test"))
     lora_lr: float = opt(2e-4, "--finetune.lr of the lora variant (adapters want a larger rate than full "
                          "fine-tuning, which uses --finetune.lr).")
@@ -342,6 +365,8 @@ class CompareConfig:
         _check(self.lora_lr > 0, f"{p}.lora_lr", f"must be > 0, got {self.lora_lr}")
         _check("full-ce" not in self.variants or "full" in self.variants, f"{p}.variants",
                "full-ce reuses full's datastore and targets: list full too")
+        _check("joint" not in self.variants or "full" in self.variants, f"{p}.variants",
+               "joint starts from full's fine-tuned LM and memory: list full too")
 
 
 SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate")
@@ -397,6 +422,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)

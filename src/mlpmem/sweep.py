@@ -57,9 +57,10 @@ def plan(cfg: Config, point: dict) -> list[tuple[str, str]]:
     ran: set[str] = set()
     out = []
     for stage in pipeline_stages():
-        if stage.name == "generate":
-            continue
-        if stage.name == "eval" or any(stage.reads(k) for k in point) or ran & set(stage.upstream):
+        if stage.name == "eval":
+            out.append((stage.name, "run"))
+            break
+        if any(stage.reads(k) for k in point) or ran & set(stage.upstream):
             ran.add(stage.name)
             out.append((stage.name, "run"))
         else:

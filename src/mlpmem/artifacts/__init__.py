@@ -5,8 +5,8 @@ Stages read their inputs and write their outputs only through this package; comp
 
 from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, invalidate, read_manifest,  # noqa: F401
                                        rebuilding_stale, require_manifest, should_skip, verify_chain, write_manifest)
-from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX,  # noqa
-                                      MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, load_eval_results,
+from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX, JOINT, JOINT_MEMORY,  # noqa
+                                      MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, joint_model, load_eval_results,
                                       load_eval_scores, load_memory, load_offsets, load_scores, load_split,
                                       open_index, save_scores, scores_path, tuned_memory_lambda,
                                       tuned_memory_temperature)

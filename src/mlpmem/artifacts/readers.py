@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 DATA, FINETUNE, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, MEMORY = (
     "data", "finetune", "datastore", "datastore/validation", "index", "targets", "memory")
-FINETUNED_MODEL = "model"  # the Hugging Face model directory inside finetune/
+FINETUNED_MODEL = "model"  # the Hugging Face model directory inside finetune/ (and joint/)
+JOINT, JOINT_MEMORY = "joint", "memory"  # `mlpmem joint`'s output, and the memory directory inside it
 
 
 def is_complete(path: Path) -> bool:
@@ -82,6 +83,16 @@ def base_model(cfg) -> tuple:
                          "`mlpmem finetune --force` (and the stages after it), or `mlpmem pipeline`")
     path = (cfg.run_dir / FINETUNE / FINETUNED_MODEL).absolute()  # the link, not the version it points to now
     return dataclasses.replace(cfg.model, name=str(path), revision=None), {FINETUNE: m["fingerprint"]}
+
+
+def joint_model(cfg) -> tuple:
+    """(ModelConfig of the LM trained jointly with the memory, the memory's directory, the joint manifest): the
+    outputs of `mlpmem joint` in this run, checked complete and fresh."""
+    import dataclasses
+
+    m = verify_chain(cfg.run_dir, JOINT, "joint")
+    d = (cfg.run_dir / JOINT).absolute()
+    return dataclasses.replace(cfg.model, name=str(d / FINETUNED_MODEL), revision=None), d / JOINT_MEMORY, m
 
 
 # ----------------------------------------------------------------------------- datastore
@@ -205,7 +216,7 @@ def load_memory(run_dir: Path, lm, hook, path: str | Path | None = None, require
     """(memory, meta) of this run's selected (best-by-validation) checkpoint, checked against the loaded base LM
     and for finite weights; (None, {}) with a warning when there is none (an error if ``required``).
 
-    ``path``: load that checkpoint directory instead (for ablations over a finished run)."""
+    ``path``: load that checkpoint directory instead (for ablations over a finished run, or the joint memory)."""
     from mlpmem.components.memory import MLPMemory
 
     d = Path(run_dir) / MEMORY

@@ -254,3 +254,25 @@ def detach_memory(model: nn.Module) -> bool:
 def attached_memory(model: nn.Module) -> JointHandle | None:
     """The handle of the memory attached to `model`, or None."""
     return getattr(model, _ATTR, None)
+
+
+class MemoryAttached(nn.Module):
+    """A causal LM with a memory attached, as one module for training both together: ``parameters()`` holds the
+    LM's and the memory's, ``forward`` is the LM's, whose logits are then the mixture's log-probabilities (so the
+    usual next-token cross-entropy on them is the mixture's NLL, and its gradient reaches the LM through both its
+    own head and the hidden state the memory reads). Attach before wrapping the LM (e.g. with peft LoRA): the hooks
+    stay on the LM's modules. ``detach()`` removes the hooks and returns the LM."""
+
+    def __init__(self, lm: nn.Module, memory: nn.Module, lam: float, hook: str | HookPoint | None = None,
+                 mem_temperature: float = 1.0) -> None:
+        super().__init__()
+        self.handle = attach_memory(lm, memory, lam=lam, hook=hook, mem_temperature=mem_temperature)
+        self.lm = lm
+        self.memory = memory
+
+    def forward(self, *args, **kwargs):
+        return self.lm(*args, **kwargs)
+
+    def detach(self) -> nn.Module:
+        self.handle.detach()
+        return self.lm

@@ -60,6 +60,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("eval", "Perplexity of base LM, kNN-LM, memory and their mixtures; lambda tuned on validation.",
           ("model", "data", "window", "finetune", "extract", "index", "knn", "memory", "eval"),
           ("prepare", "extract", "index", "train"), "mlpmem.stages.eval:run", output="eval"),
+    Stage("joint", "Train the LM (LoRA or all weights) and its memory together on the mixture's next-token loss, "
+          "from the tuned lambda; a no-op with --joint.mode none (the default). Score the pair with `mlpmem eval "
+          "--eval.joint true --eval.out_name eval-joint`.",
+          ("model", "data", "window", "finetune", "extract", "memory", "eval", "joint"),
+          ("prepare", "finetune", "train", "eval"), "mlpmem.stages.joint:run", output="joint"),
     Stage("generate", "Generate with the base LM with and without the memory mixed in.",
           ("model", "finetune", "extract", "memory", "eval", "generate"), ("train", "eval"),
           "mlpmem.stages.generate:run",

@@ -12,8 +12,8 @@ import logging
 import time
 
 
-from mlpmem.artifacts import DATA, DATASTORE, INDEX, MEMORY, Datastore, base_model, invalidate, is_complete, \
-    load_memory, load_offsets, load_scores, load_split, open_index, save_scores, scores_path, should_skip, \
+from mlpmem.artifacts import DATA, DATASTORE, INDEX, JOINT, MEMORY, Datastore, base_model, invalidate, \
+    is_complete, joint_model, load_memory, load_offsets, load_scores, load_split, open_index, save_scores, scores_path, should_skip, \
     verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.knn import knn_scorer
@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     out = cfg.run_dir / cfg.eval.out_name
-    mcfg, model_up = base_model(cfg)
+    mem_path = None
+    if cfg.eval.joint:  # the pair trained together by `mlpmem joint`
+        mcfg, mem_path, joint_m = joint_model(cfg)
+        model_up = {JOINT: joint_m["fingerprint"]}
+    else:
+        mcfg, model_up = base_model(cfg)
     lm = load_lm(mcfg)
     systems = set(cfg.eval.systems)
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
@@ -40,8 +45,10 @@ def run(cfg: Config) -> dict:
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {"base"} else None
     memory, mem_meta, scorer, knn_meta = None, {}, None, {}
     if systems & {"memory", "memory+knn"}:
-        memory, mem_meta = load_memory(cfg.run_dir, lm, hook)
-        if memory is not None:
+        memory, mem_meta = load_memory(cfg.run_dir, lm, hook, path=mem_path, required=mem_path is not None)
+        if mem_path is not None:
+            mem_meta["fingerprint"] = model_up[JOINT]  # the joint manifest vouches for both
+        elif memory is not None:
             upstream[MEMORY] = mem_meta["fingerprint"]
     if systems & {"knn", "memory+knn"}:
         scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
@@ -92,7 +99,7 @@ def run(cfg: Config) -> dict:
     atomic_write_text(out / "results.md", _markdown(results, table))
     plot_lambda(results, out / "ppl_vs_lambda.png")
     if memory is not None:
-        plot_training(cfg.run_dir / MEMORY / "metrics.jsonl", out / "training.png")
+        plot_training(cfg.run_dir / (JOINT if cfg.eval.joint else MEMORY) / "metrics.jsonl", out / "training.png")
     save_stage_config(cfg, "eval", out)
     fault_point("eval.results")
     print(table)
