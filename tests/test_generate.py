@@ -115,5 +115,6 @@ def test_pipeline_rerun_is_a_no_op(assets, trained, tmp_path, capsys):
     assert len(manifests) == 7
     timings = pipeline.run(cfg)
     assert {p: p.read_bytes() for p in dst.rglob("manifest.json")} == manifests
-    assert list(timings) == ["prepare", "finetune", "extract", "index", "knn-targets", "train", "eval", "generate"]
+    assert list(timings) == ["prepare", "finetune", "extract", "index", "knn-targets", "train", "eval", "joint",
+                             "generate"]
     assert "[+memory" in capsys.readouterr().out

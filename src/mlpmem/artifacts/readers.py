@@ -272,7 +272,8 @@ def save_scores(path: Path, sc, fp: str) -> None:
     """A :class:`Scored` share, tagged with the eval fingerprint it belongs to (a few numbers per token)."""
     from mlpmem.files import atomic_file
 
-    arrays = {"lm": sc.lm, "meta": np.array(json.dumps({"fingerprint": fp, "seconds": sc.seconds}))}
+    arrays = {"lm": sc.lm, "meta": np.array(json.dumps({"fingerprint": fp, "seconds": sc.seconds,
+                                                         "mem_T": sc.mem_T, "knn_T": sc.knn_T}))}
     if sc.mem is not None:
         arrays["mem"] = sc.mem
     if sc.knn is not None:
@@ -290,7 +291,8 @@ def load_scores(path: Path, fp: str, strict: bool = False):
             meta = json.loads(str(z["meta"]))
             if meta["fingerprint"] == fp:
                 return Scored(lm=z["lm"], mem=z["mem"] if "mem" in z else None,
-                              knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"])
+                              knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"],
+                              mem_T=meta.get("mem_T"), knn_T=meta.get("knn_T"))
             why = "were made by another configuration"
     except (OSError, KeyError, ValueError) as e:
         why = f"cannot be read ({e})"

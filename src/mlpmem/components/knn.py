@@ -306,4 +306,5 @@ def knn_scorer(index: faiss.Index, keys: KeysLike, vals, k: int, temperatures: S
             D = recompute_distances(keys, xq, I)
         return knn_gold_logprobs(D, I, vals, gold.cpu().numpy(), temps)
 
+    scorer.temperatures = temps  # the rows of what it returns, in order
     return scorer

@@ -38,6 +38,8 @@ class Scored:
     mem: np.ndarray | None = None        # (n_Tm, M) float64, memory alone per inference temperature
     knn: np.ndarray | None = None        # (n_T, M) float64, kNN distribution per temperature
     seconds: dict = field(default_factory=dict)  # time spent per component: lm, memory, knn
+    mem_T: list[float] | None = None     # the memory's temperatures, one per row of ``mem``
+    knn_T: list[float] | None = None     # the kNN temperatures, one per row of ``knn``
 
     @property
     def n(self) -> int:
@@ -56,7 +58,8 @@ class Scored:
         for p in parts:
             for k, v in p.seconds.items():
                 secs[k] = secs.get(k, 0.0) + v
-        return Scored(lm=cat("lm"), mem=cat("mem", axis=1), knn=cat("knn", axis=1), seconds=secs)
+        return Scored(lm=cat("lm"), mem=cat("mem", axis=1), knn=cat("knn", axis=1), seconds=secs,
+                      mem_T=nonempty[0].mem_T, knn_T=nonempty[0].knn_T)
 
 
 GOLD_ROWS, GOLD_SUB = 256, 32  # gold_logprobs' CPU chunks (scripts/profile_eval.py times other values)
@@ -188,4 +191,6 @@ def score_tokens(lm: LoadedLM, tokens: np.ndarray, context: int, stride: int, ba
     bar.close()
     return Scored(lm=np.concatenate(lm_lp) if lm_lp else np.zeros(0),
                   mem=np.concatenate(mem_lp, axis=1) if mem_lp else None,
-                  knn=np.concatenate(knn_lp, axis=1) if knn_lp else None, seconds=secs)
+                  knn=np.concatenate(knn_lp, axis=1) if knn_lp else None, seconds=secs,
+                  mem_T=[float(t) for t in mem_temperatures] if memory is not None else None,
+                  knn_T=list(getattr(knn_scorer, "temperatures", None) or []) or None)

@@ -6,7 +6,8 @@ distribution at each swept temperature. So tuning costs no forward pass:
 
 - λ is swept on the configured grid, then refined in steps of 0.01 between the grid neighbours of the best value;
 - the kNN temperature and the memory's inference temperature are swept on their grids; a tuned value on the
-  edge of a grid that could go further is reported in ``edges`` (widen the grid: the optimum may lie outside);
+  edge of a grid that could go further is reported in ``edges``, and :func:`widened_grids` extends the grids
+  past it (the `eval` stage then scores again, up to MAX_WIDENINGS times);
 - memory+kNN mixes the memory at its own tuned temperature with kNN-LM at each kNN temperature;
 - a paired bootstrap over documents gives 95% intervals of each system's perplexity change against the base LM,
   and of the memory against kNN-LM (same resampled documents for both sides).
@@ -31,13 +32,16 @@ COMPARISONS = (("memory", "knn"), ("memory+knn", "knn"))  # paired intervals rep
 
 
 def _temps(scored, cfg: Config) -> tuple[list[float], list[float]]:
-    knn_T, mem_T = list(cfg.eval.knn_temperatures), list(cfg.eval.memory_temperatures)
+    """The temperatures of the scores' rows: recorded with them (an evaluation may have widened its grids), else
+    --eval's grids (scores saved before they recorded theirs)."""
+    knn_T = list(scored.knn_T) if scored.knn_T is not None else list(cfg.eval.knn_temperatures)
+    mem_T = list(scored.mem_T) if scored.mem_T is not None else list(cfg.eval.memory_temperatures)
     if scored.knn is not None and scored.knn.shape[0] != len(knn_T):
-        raise ValueError(f"--eval.knn_temperatures lists {len(knn_T)} temperatures but the kNN scores have "
-                         f"{scored.knn.shape[0]}")
+        raise ValueError(f"the kNN scores have {scored.knn.shape[0]} temperatures but knn_temperatures lists "
+                         f"{len(knn_T)} ({knn_T}): rerun `mlpmem eval --force`")
     if scored.mem is not None and scored.mem.shape[0] != len(mem_T):
-        raise ValueError(f"--eval.memory_temperatures lists {len(mem_T)} temperatures but the memory scores have "
-                         f"{scored.mem.shape[0]}")
+        raise ValueError(f"the memory scores have {scored.mem.shape[0]} temperatures but memory_temperatures "
+                         f"lists {len(mem_T)} ({mem_T}): rerun `mlpmem eval --force`")
     return knn_T, mem_T
 
 
@@ -112,10 +116,10 @@ def _refine(scored, system: str, setting: dict, cfg: Config) -> dict:
     return min(cands + [setting], key=score)
 
 
-def _edges(system: str, setting: dict, cfg: Config) -> list[str]:
+def _edges(system: str, setting: dict, cfg: Config, knn_T: list[float], mem_T: list[float]) -> list[str]:
     """Tuned values at an edge of their grid that the grid could extend past (λ stops at 0 and 1)."""
     e, out = cfg.eval, []
-    for key, grid in (("T", e.knn_temperatures), ("T_mem", e.memory_temperatures)):
+    for key, grid in (("T", knn_T), ("T_mem", mem_T)):
         if key in setting and len(grid) > 1 and setting[key] in (min(grid), max(grid)):
             out.append(key)
     lams = [x for x in e.lambdas if 0 < x < 1]
@@ -124,6 +128,34 @@ def _edges(system: str, setting: dict, cfg: Config) -> list[str]:
         if v is not None and e.lam is None and lams and (v >= max(e.lambdas) or v <= min(e.lambdas)) and 0 < v < 1:
             out.append(key)
     return out
+
+
+MAX_WIDENINGS = 3  # rounds of grid widening per evaluation (each a factor 2 past the edge for temperatures)
+
+
+def widened_grids(results: dict, scored, cfg: Config) -> dict[str, list[float]] | None:
+    """Grids that extend past every tuned value sitting on an edge of its grid (``results['edges']`` from
+    :func:`settle` on ``scored``, the tuning split): a temperature at the low edge gains half of it, at the high
+    edge twice it; a λ at the edge of a grid short of 0 or 1 gains the midpoint towards it. Returns
+    {"knn_temperatures", "memory_temperatures", "lambdas"} (sorted), or None when nothing is on an edge."""
+    knn_T, mem_T = _temps(scored, cfg)
+    grids = {"knn_temperatures": sorted(knn_T), "memory_temperatures": sorted(mem_T),
+             "lambdas": sorted(cfg.eval.lambdas)}
+    changed = False
+    for system, keys in results["edges"].items():
+        setting = results["settings"][system]
+        for key in keys:
+            name = {"T": "knn_temperatures", "T_mem": "memory_temperatures"}.get(key, "lambdas")
+            grid, v = grids[name], float(setting[key])
+            if name == "lambdas":
+                add = round((v + 1.0) / 2, 4) if v >= max(grid) else round(v / 2, 4)
+            else:
+                add = v * 2.0 if v >= max(grid) else v / 2.0
+            if add not in grid:
+                grid.append(add)
+                grid.sort()
+                changed = True
+    return grids if changed else None
 
 
 def doc_ids_of(offsets: np.ndarray, n_scored: int) -> np.ndarray:
@@ -178,11 +210,8 @@ def settle(scored_by_split: dict, cfg: Config, doc_ids: dict[str, np.ndarray] | 
                       for s, sw in sweeps.items()}
             pick = {k: v for k, v in best(sweeps[tune_split]["memory+knn"]).items() if k != "ppl"}
             chosen["memory+knn"] = _refine(tuned, "memory+knn", pick, cfg)
-    edges = {s: e for s, st in chosen.items() if s != "memory alone" and (e := _edges(s, st, cfg))}
-    for s, e in edges.items():
-        log.warning("eval: %s's tuned %s sits on the edge of its grid (%s): the optimum may lie outside; widen "
-                    "--eval.%s", s, ", ".join(e), chosen[s], "knn_temperatures" if "T" in e else
-                    "memory_temperatures" if "T_mem" in e else "lambdas")
+    knn_T, mem_T = _temps(tuned, cfg)
+    edges = {s: e for s, st in chosen.items() if s != "memory alone" and (e := _edges(s, st, cfg, knn_T, mem_T))}
     results = {}
     for split, sc in scored_by_split.items():
         lp = {s: system_logprobs(sc, s, st, cfg) for s, st in chosen.items()}
@@ -196,4 +225,14 @@ def settle(scored_by_split: dict, cfg: Config, doc_ids: dict[str, np.ndarray] | 
                     res[s]["vs_base"] = ci[(s, "base")]
             entry["comparisons"] = {f"{a} vs {b}": ci[(a, b)] for a, b in COMPARISONS if (a, b) in ci}
         results[split] = entry
-    return {"tuned_on": tune_split, "settings": chosen, "edges": edges, "splits": results, "sweeps": sweeps}
+    return {"tuned_on": tune_split, "settings": chosen, "edges": edges, "splits": results, "sweeps": sweeps,
+            "grids": {"knn_temperatures": knn_T, "memory_temperatures": mem_T, "lambdas": _lambdas(cfg)}}
+
+
+def warn_edges(results: dict, where: str) -> None:
+    """Log the tuned values still on an edge of their grid (after widening)."""
+    for s, e in results["edges"].items():
+        log.warning("%s: %s's tuned %s still sits on the edge of its grid (%s) after widening it %d times: the "
+                    "optimum may lie further out; widen --eval.%s", where, s, ", ".join(e), results["settings"][s],
+                    MAX_WIDENINGS, "knn_temperatures" if "T" in e else "memory_temperatures" if "T_mem" in e
+                    else "lambdas")

@@ -8,6 +8,7 @@ a rerun with the same fingerprint and process count reuses them instead of scori
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -20,11 +21,11 @@ from mlpmem.components.knn import knn_scorer
 from mlpmem.components.lm import load_lm
 from mlpmem.components.report import plot_lambda, plot_training, results_table
 from mlpmem.components.scoring import Scored, score_tokens
-from mlpmem.components.tuning import doc_ids_of, settle
+from mlpmem.components.tuning import MAX_WIDENINGS, doc_ids_of, settle, warn_edges, widened_grids
 from mlpmem.config import Config
 from mlpmem.errors import StageError
 from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint
-from mlpmem.runtime import barrier, dist_info, fault_point
+from mlpmem.runtime import barrier, broadcast_from_main, dist_info, fault_point
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run(cfg: Config) -> dict:
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
     upstream = {DATA: data_m["fingerprint"], **model_up}
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {"base"} else None
-    memory, mem_meta, scorer, knn_meta = None, {}, None, {}
+    memory, mem_meta, make_scorer, knn_meta = None, {}, None, {}
     if systems & {"memory", "memory+knn"}:
         memory, mem_meta = load_memory(cfg.run_dir, lm, hook, path=mem_path, required=mem_path is not None)
         if mem_path is not None:
@@ -51,7 +52,7 @@ def run(cfg: Config) -> dict:
         elif memory is not None:
             upstream[MEMORY] = mem_meta["fingerprint"]
     if systems & {"knn", "memory+knn"}:
-        scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
+        make_scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
         upstream.update(knn_meta.get("upstream", {}))
     fp = fingerprint("eval", upstream, lm.identity["fingerprint"], cfg.to_dict()["eval"], cfg.to_dict()["window"],
                      cfg.model.dtype, knn_meta.get("settings"), cfg.seed)
@@ -64,30 +65,42 @@ def run(cfg: Config) -> dict:
     barrier()  # every rank has seen the old manifest before rank 0 removes it
     if dist.is_main:
         invalidate(out)  # from here until the new manifest, results.json is not vouched for
-    scored = {}
-    for split in cfg.eval.splits:
-        mine = scores_path(out, split, dist.rank, dist.world_size)
-        sc = None if cfg.force else load_scores(mine, fp)
-        if sc is None:
-            tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
-            t0 = time.time()
-            sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
-                              hook=hook if (memory is not None or scorer is not None) else None, memory=memory,
-                              mem_temperatures=cfg.eval.memory_temperatures, knn_scorer=scorer, desc=f"eval {split}",
-                              shard=(dist.rank, dist.world_size))
-            log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
-            save_scores(mine, sc, fp)
-        else:
-            log.info("eval %s: reusing the scores saved in %s", split, mine)
-        scored[split] = sc
-    barrier()  # every share of every split is on disk
+    # Score, tune, and while a tuned temperature (or a lambda of a grid short of 0/1) sits on the edge of its
+    # grid, widen the grid and score again (temperatures), or only tune again (lambdas): at most MAX_WIDENINGS.
+    grids = {"knn_temperatures": list(cfg.eval.knn_temperatures),
+             "memory_temperatures": list(cfg.eval.memory_temperatures), "lambdas": list(cfg.eval.lambdas)}
+    scored: dict = {}
+    for rnd in range(MAX_WIDENINGS + 1):
+        if rnd == 0 or _temperatures(grids) != _temperatures(prev):
+            scorer = make_scorer(grids["knn_temperatures"]) if make_scorer is not None else None
+            scored = _score_splits(cfg, lm, hook, memory, scorer, grids["memory_temperatures"], out, fp, dist,
+                                   reuse=rnd == 0 and not cfg.force)
+            any_sc = next(iter(scored.values()))  # reused scores may have been widened by an interrupted run
+            grids.update({k: list(t) for k, t in (("knn_temperatures", any_sc.knn_T),
+                                                   ("memory_temperatures", any_sc.mem_T)) if t is not None})
+            barrier()  # every share of every split is on disk
+        new = None
+        if dist.is_main:
+            if dist.world_size > 1:
+                scored = {split: Scored.join([load_scores(scores_path(out, split, r, dist.world_size), fp,
+                                                          strict=True) for r in range(dist.world_size)])
+                          for split in cfg.eval.splits}
+            docs = {split: doc_ids_of(load_offsets(cfg.run_dir, split), sc.n) for split, sc in scored.items()}
+            ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lambdas=grids["lambdas"]))
+            results = settle(scored, ecfg, docs)
+            if rnd < MAX_WIDENINGS:
+                new = widened_grids(results, scored[results["tuned_on"]], ecfg)
+            if new is not None:
+                log.warning("eval: tuned values on the edge of their grids (%s): widening them to %s", "; ".join(
+                    f"{s} {', '.join(e)}" for s, e in results["edges"].items()),
+                    {k: v for k, v in new.items() if v != grids[k]})
+        new = broadcast_from_main(new)
+        if new is None:
+            break
+        prev, grids = grids, new
     if not dist.is_main:
         return {}
-    if dist.world_size > 1:
-        scored = {split: Scored.join([load_scores(scores_path(out, split, r, dist.world_size), fp, strict=True)
-                                      for r in range(dist.world_size)]) for split in cfg.eval.splits}
-    docs = {split: doc_ids_of(load_offsets(cfg.run_dir, split), sc.n) for split, sc in scored.items()}
-    results = settle(scored, cfg, docs)
+    warn_edges(results, "eval")
     results["fingerprint"] = fp  # ties results.json to the manifest written after it
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
     results["model"] = lm.identity
@@ -107,8 +120,38 @@ def run(cfg: Config) -> dict:
                           processes=dist.world_size)
 
 
+def _temperatures(grids: dict) -> tuple:
+    return tuple(grids["knn_temperatures"]), tuple(grids["memory_temperatures"])
+
+
+def _score_splits(cfg: Config, lm, hook, memory, scorer, mem_temperatures, out, fp, dist, reuse: bool) -> dict:
+    """{split: Scored} of this process's share of every split, saved under the eval fingerprint (with the
+    temperatures they were scored at); with ``reuse``, shares already saved under ``fp`` are read instead."""
+    scored = {}
+    for split in cfg.eval.splits:
+        mine = scores_path(out, split, dist.rank, dist.world_size)
+        sc = load_scores(mine, fp) if reuse else None
+        if sc is None:
+            tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
+            t0 = time.time()
+            sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size,
+                              hook=hook if (memory is not None or scorer is not None) else None, memory=memory,
+                              mem_temperatures=mem_temperatures, knn_scorer=scorer, desc=f"eval {split}",
+                              shard=(dist.rank, dist.world_size))
+            log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
+            save_scores(mine, sc, fp)
+        else:
+            log.info("eval %s: reusing the scores saved in %s", split, mine)
+        scored[split] = sc
+    if reuse and len({(tuple(sc.knn_T or ()), tuple(sc.mem_T or ())) for sc in scored.values()}) > 1:
+        # an evaluation interrupted while widening its grids: some splits were scored again, some not
+        return _score_splits(cfg, lm, hook, memory, scorer, mem_temperatures, out, fp, dist, reuse=False)
+    return scored
+
+
 def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
-    """kNN-LM's scorer over this run's datastore and index (see components.knn.knn_scorer); None if there is none.
+    """A maker of kNN-LM scorers over this run's datastore and index, ``make(temperatures) -> scorer`` (see
+    components.knn.knn_scorer), and their metadata; (None, {}) if there is none.
 
     A datastore or index that does not exist yet only skips kNN-LM (with a warning); one built for another model,
     hook point or corpus, or an index over another datastore, is an error: its keys would not be comparable.
@@ -123,11 +166,13 @@ def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
     k = cfg.eval.knn_k or cfg.knn.k
     if k > ds.n:
         raise StageError(f"--knn.k {k} is larger than the datastore ({ds.n} keys): lower --knn.k or --eval.knn_k")
-    scorer = knn_scorer(index, ds.keys, ds.vals, k, cfg.eval.knn_temperatures, cfg.knn.distances == "exact")
+    def make(temperatures):
+        return knn_scorer(index, ds.keys, ds.vals, k, temperatures, cfg.knn.distances == "exact")
+
     meta = {"upstream": {DATASTORE: ds.fingerprint, INDEX: im["fingerprint"]},
             "settings": [k, cfg.knn.distances, cfg.index.nprobe], "bytes": ds.manifest["bytes"] + im["bytes"],
             "factory": im["factory"], "k": k}
-    return scorer, meta
+    return make, meta
 
 
 def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:

@@ -128,26 +128,34 @@ def _tuned_temperature(cfg: Config, ds: Datastore, index) -> tuple[float, dict]:
     from mlpmem.components.capture import resolve_hook
     from mlpmem.components.lm import load_lm
     from mlpmem.components.scoring import score_tokens
-    from mlpmem.components.tuning import settle
+    from mlpmem.components.tuning import MAX_WIDENINGS, settle, widened_grids
 
     lm = load_lm(base_model(cfg)[0])
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     tokens, _ = load_split(cfg.run_dir, "validation", lm.identity["tokenizer_hash"])
     tokens = tokens[: cfg.train.val_positions + 1]
-    grid = cfg.eval.knn_temperatures
-    scorer = knn_scorer(index, ds.keys, ds.vals, cfg.knn.k, grid, cfg.knn.distances == "exact")
-    sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size, hook=hook,
-                      knn_scorer=scorer, desc="knn temperature")
+    grid = list(cfg.eval.knn_temperatures)
     # λ on a fixed fine grid (refined further by settle), so eval's own λ settings do not move the targets
     sweep_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lambdas=LAMBDA_GRID, lam=None))
-    res = settle({"validation": sc}, sweep_cfg)
+    for rnd in range(MAX_WIDENINGS + 1):  # a T on the edge of the grid: widen it and score again
+        scorer = knn_scorer(index, ds.keys, ds.vals, cfg.knn.k, grid, cfg.knn.distances == "exact")
+        sc = score_tokens(lm, tokens, cfg.window.context, cfg.window.stride, cfg.window.batch_size, hook=hook,
+                          knn_scorer=scorer, desc="knn temperature")
+        res = settle({"validation": sc}, sweep_cfg)
+        new = widened_grids(res, sc, sweep_cfg) if rnd < MAX_WIDENINGS else None
+        if new is None or new["knn_temperatures"] == sorted(grid):
+            break
+        log.info("knn-targets: kNN-LM's best temperature %g is on the edge of %s: widening it to %s",
+                 res["settings"]["knn"]["T"], grid, new["knn_temperatures"])
+        grid = new["knn_temperatures"]
     per_T = {str(T): min(r["ppl"] for r in res["sweeps"]["validation"]["knn"] if r["T"] == T) for T in grid}
     T = float(res["settings"]["knn"]["T"])
+    edge = "T" in res["edges"].get("knn", [])
     log.info("knn-targets: temperature %g chosen on %d validation positions (kNN-LM PPL by T: %s)%s", T, sc.n,
              ", ".join(f"{t}: {p:.3f}" for t, p in per_T.items()),
-             "; it is on the edge of --eval.knn_temperatures: widen it" if "T" in res["edges"].get("knn", []) else "")
-    return T, {"ppl_by_T": per_T, "lam": res["settings"]["knn"]["lam"], "positions": sc.n,
-               "edge": "T" in res["edges"].get("knn", [])}
+             "; it is still on the edge of the widened grid" if edge else "")
+    return T, {"ppl_by_T": per_T, "lam": res["settings"]["knn"]["lam"], "positions": sc.n, "edge": edge,
+               "grid": grid}
 
 
 def _check_teacher(teacher: Datastore, student: Datastore) -> None:
