@@ -65,6 +65,12 @@ def results_table(results: dict) -> str:
                          f"{c['documents']} documents: {verdict}")
     if notes:
         lines += ["", "Paired bootstrap (95% CI over documents):"] + notes
+    g = results.get("grids")
+    if g:
+        fmt = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+        widened = " (widened past a tuned edge)" if results.get("widened") else ""
+        lines += ["", f"Swept{widened}: kNN temperatures {fmt(g['knn_temperatures'])}; memory temperatures "
+                      f"{fmt(g['memory_temperatures'])}"]
     return "\n".join(lines)
 
 

@@ -101,6 +101,7 @@ def run(cfg: Config) -> dict:
     if not dist.is_main:
         return {}
     warn_edges(results, "eval")
+    results["widened"] = rnd > 0
     results["fingerprint"] = fp  # ties results.json to the manifest written after it
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
     results["model"] = lm.identity
