@@ -14,8 +14,8 @@ import time
 
 
 from mlpmem.artifacts import DATA, DATASTORE, INDEX, JOINT, MEMORY, Datastore, base_model, invalidate, \
-    is_complete, joint_model, load_memory, load_offsets, load_scores, load_split, open_index, save_scores, scores_path, should_skip, \
-    verify_chain, write_manifest
+    is_complete, joint_model, load_memory, load_offsets, load_scores, load_split, open_index, save_scores, \
+    scores_path, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.knn import knn_scorer
 from mlpmem.components.lm import load_lm
@@ -67,8 +67,8 @@ def run(cfg: Config) -> dict:
         invalidate(out)  # from here until the new manifest, results.json is not vouched for
     # Score, tune, and while a tuned temperature (or a lambda of a grid short of 0/1) sits on the edge of its
     # grid, widen the grid and score again (temperatures), or only tune again (lambdas): at most MAX_WIDENINGS.
-    grids = {"knn_temperatures": list(cfg.eval.knn_temperatures),
-             "memory_temperatures": list(cfg.eval.memory_temperatures), "lambdas": list(cfg.eval.lambdas)}
+    grids = {"knn_temperatures": sorted(cfg.eval.knn_temperatures),
+             "memory_temperatures": sorted(cfg.eval.memory_temperatures), "lambdas": sorted(cfg.eval.lambdas)}
     scored: dict = {}
     for rnd in range(MAX_WIDENINGS + 1):
         if rnd == 0 or _temperatures(grids) != _temperatures(prev):
@@ -76,7 +76,7 @@ def run(cfg: Config) -> dict:
             scored = _score_splits(cfg, lm, hook, memory, scorer, grids["memory_temperatures"], out, fp, dist,
                                    reuse=rnd == 0 and not cfg.force)
             any_sc = next(iter(scored.values()))  # reused scores may have been widened by an interrupted run
-            grids.update({k: list(t) for k, t in (("knn_temperatures", any_sc.knn_T),
+            grids.update({k: sorted(t) for k, t in (("knn_temperatures", any_sc.knn_T),
                                                    ("memory_temperatures", any_sc.mem_T)) if t is not None})
             barrier()  # every share of every split is on disk
         new = None
