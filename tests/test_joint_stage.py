@@ -93,3 +93,14 @@ def test_joint_refuses_a_useless_mixture(tiny_run):
     tmp_path, path = tiny_run
     assert main(["joint", "--config", str(path), "--joint.lam", "0"]) == 2  # config: lam in (0, 1]
     assert main(["joint", "--config", str(path), "--joint.lam", "1.5"]) == 2
+
+
+def test_pipeline_with_joint_mode_evaluates_the_pair(tiny_run):
+    tmp_path, path = tiny_run
+    assert main(["pipeline", "--config", str(path), "--joint.mode", "full", "--joint.lam", "0.5"]) == 0
+    run = tmp_path / "run"
+    m = json.loads((run / "joint" / "manifest.json").read_text())
+    assert m["mode"] == "full" and m["lam"] == 0.5
+    ej = json.loads((run / "eval-joint" / "results.json").read_text())
+    assert set(ej["settings"]) == {"base", "memory", "memory alone"}
+    assert json.loads((run / "eval-joint" / "manifest.json").read_text())["upstream"]["joint"] == m["fingerprint"]

@@ -1,7 +1,8 @@
 """`mlpmem pipeline`: every stage of the stage table in order on one config.
 
 Each stage skips work whose manifest already matches; a stage whose inputs changed (an upstream stage was rerun)
-is rebuilt rather than refused; a stage whose own settings changed is still refused unless --force.
+is rebuilt rather than refused; a stage whose own settings changed is still refused unless --force. With
+--joint.mode lora/full, the jointly trained pair is evaluated too, into ``<eval.out_name>-joint``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from mlpmem.runtime import dist_info
 log = logging.getLogger(__name__)
 
 
+def joint_eval_config(cfg: Config) -> Config:
+    """``cfg`` set to evaluate the pair trained by `mlpmem joint` (its LM alone and with its memory)."""
+    import dataclasses
+
+    systems = [s for s in cfg.eval.systems if s in ("base", "memory")]
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, joint=True, systems=systems,
+                                                             out_name=f"{cfg.eval.out_name}-joint"))
+
+
 def run(cfg: Config) -> dict:
-    from mlpmem.stages import pipeline_stages
+    from mlpmem.stages import STAGES, pipeline_stages
 
     timings = {}
     with rebuilding_stale():
@@ -28,6 +38,8 @@ def run(cfg: Config) -> dict:
             t0 = time.time()
             log.info("=== pipeline: %s ===", stage.name)
             stage.run(cfg)
+            if stage.name == "joint" and cfg.joint.mode != "none":
+                STAGES["eval"].run(joint_eval_config(cfg))
             timings[stage.name] = round(time.time() - t0, 1)
             log.info("=== %s done in %.1fs ===", stage.name, timings[stage.name])
     if dist_info().is_main:
