@@ -369,7 +369,19 @@ class CompareConfig:
                "joint starts from full's fine-tuned LM and memory: list full too")
 
 
-SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate")
+@dataclass
+class ExportConfig:
+    dir: str | None = opt(None, "Folder to write the memory and its model card to (None: <out_dir>/export).")
+    joint: bool = opt(False, "Export the memory trained jointly with its LM (`mlpmem joint`) instead of memory/.")
+    push_to: str | None = opt(None, "Also upload the folder to this Hub repo id (user/name; needs a token).")
+    private: bool = opt(True, "Create the Hub repo private.")
+
+    def validate(self, p: str) -> None:
+        _check(self.push_to is None or self.push_to.count("/") == 1, f"{p}.push_to",
+               f"must be a Hub repo id user/name, got {self.push_to!r}")
+
+
+SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate", "export")
 
 
 @dataclass
@@ -433,6 +445,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -199,17 +199,12 @@ class TargetStore:
 
 def check_memory_matches(memory, identity: dict, hook) -> None:
     """StageError unless the memory was trained for this base model (tokenizer and weights) and hook point."""
-    meta = memory.config.meta
-    if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != identity["tokenizer_hash"]:
-        raise StageError(f"this memory was trained for {meta.get('base_model')}, whose tokenizer differs from "
-                         f"{identity['name']}'s: use the base model it was trained with (--model.name)")
-    if meta.get("base_fingerprint") and meta["base_fingerprint"] != identity["fingerprint"]:
-        raise StageError(f"this memory was trained for base model {meta.get('base_model')} "
-                         f"({meta['base_fingerprint']}), not {identity['name']} ({identity['fingerprint']}; its "
-                         "weights or config differ): pass the matching --model.name or retrain the memory")
-    if meta.get("hook") and meta["hook"] != str(hook):
-        raise StageError(f"this memory was trained on hook point {meta['hook']}, but the config resolves to "
-                         f"{hook}: set --extract.hook {meta['hook']}")
+    from mlpmem.components.hub import MemoryMismatch, check_base
+
+    try:
+        check_base(memory.config.meta or {}, identity, hook)
+    except MemoryMismatch as e:
+        raise StageError(f"{e} (--model.name; or retrain the memory)") from None
 
 
 def load_memory(run_dir: Path, lm, hook, path: str | Path | None = None, required: bool = False):

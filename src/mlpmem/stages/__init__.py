@@ -90,6 +90,9 @@ COMMANDS: dict[str, Stage] = {
                    "table, JSON and plot.",
                    tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("sweep",), (),
                    "mlpmem.sweep:run", in_pipeline=False),
+    "export": Stage("export", "Write the memory as a Hugging Face Hub model folder with a model card (base model, "
+                    "hook, corpus, eval results); --export.push_to uploads it.",
+                    ("data", "eval", "export"), ("train", "eval"), "mlpmem.stages.export:run", in_pipeline=False),
     "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
                           "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
 }
