@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _source(mcfg: ModelConfig) -> tuple[str, dict]:
+def model_source(mcfg: ModelConfig) -> tuple[str, dict]:
     """(path or hub id, extra from_pretrained kwargs) for the configured model name."""
     if mcfg.name == "default":
         from mlpmem.assets import default_model_dir
@@ -78,7 +78,7 @@ def tokenizer_hash(tok) -> str:
 def load_tokenizer(mcfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    src, kw = _source(mcfg)
+    src, kw = model_source(mcfg)
     try:
         return AutoTokenizer.from_pretrained(src, trust_remote_code=mcfg.trust_remote_code, **kw)
     except (OSError, ValueError) as e:
@@ -165,7 +165,7 @@ def load_lm(mcfg: ModelConfig) -> LoadedLM:
     """Load the base LM (frozen, eval mode) and its tokenizer onto the configured device and dtype."""
     from transformers import AutoModelForCausalLM
 
-    src, kw = _source(mcfg)
+    src, kw = model_source(mcfg)
     device = resolve_device(mcfg.device)
     tok = load_tokenizer(mcfg)
     try:
