@@ -11,6 +11,7 @@ run=${1:?usage: bash scripts/qa_suite.sh RUN_DIR [LAM] [lm-eval flags]}; shift
 lam=${1:-}; [ $# -gt 0 ] && shift
 model=$(.venv/bin/python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['model']['name'])" \
   "$run/memory/config.yaml")
+[ -d "$run/finetune/model" ] && model=$run/finetune/model  # the fine-tuned base the memory was trained on
 tasks=nq_open,triviaqa,webqs,truthfulqa_gen,truthfulqa_mc2,hotpotqa_closedbook,hellaswag,arc_easy,arc_challenge
 common=(--tasks "$tasks" --include_path configs/lm_eval --batch_size auto "$@")
 .venv/bin/mlpmem-lm-eval --model mlpmem --model_args "pretrained=$model,memory=$run/memory/best,lam=0" \
