@@ -201,10 +201,14 @@ def check_memory_matches(memory, identity: dict, hook) -> None:
     """StageError unless the memory was trained for this base model (tokenizer and weights) and hook point."""
     from mlpmem.components.hub import MemoryMismatch, check_base
 
+    meta = memory.config.meta or {}
     try:
-        check_base(memory.config.meta or {}, identity, hook)
+        check_base(meta, identity)
     except MemoryMismatch as e:
         raise StageError(f"{e} (--model.name; or retrain the memory)") from None
+    if meta.get("hook") and meta["hook"] != str(hook):
+        raise StageError(f"this memory was trained on hook point {meta['hook']}, but the config resolves to "
+                         f"{hook}: set --extract.hook {meta['hook']}")
 
 
 def load_memory(run_dir: Path, lm, hook, path: str | Path | None = None, required: bool = False):
