@@ -47,6 +47,8 @@ def test_compare_runs_every_variant_side_by_side(tmp_path, capsys):
     assert set(res["wall_seconds"]) == {"vanilla", "full", "lora", "full-ce", "joint"}
     # joint starts from full's fine-tuned LM and memory (LoRA unless --joint.mode says otherwise), scored as a pair
     jm = json.loads((root / "joint" / "joint" / "manifest.json").read_text())
+    assert jm["upstream"]["eval"] == json.loads((root / "full" / "eval" / "manifest.json").read_text())["fingerprint"]
+    assert (root / "joint" / "eval-joint" / "results.json").is_file()
     assert jm["mode"] == "lora" and jm["upstream"]["memory"] == json.loads(
         (root / "full" / "memory" / "manifest.json").read_text())["fingerprint"]
     assert (root / "joint" / "eval").resolve() == (root / "full" / "eval").resolve()

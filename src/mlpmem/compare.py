@@ -28,6 +28,7 @@ from mlpmem.artifacts import (DATA, FINETUNE, JOINT, MEMORY, TARGETS, load_eval_
 from mlpmem.components.report import fmt_params
 from mlpmem.config import Config, load_config
 from mlpmem.files import atomic_write_json, atomic_write_text, human_bytes
+from mlpmem.pipeline import joint_eval_config
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ VARIANTS = {
     "lora": ({"finetune.mode": "lora", "eval.systems": ["base"]}, "vanilla", (DATA,), ("finetune", "eval")),
     "full-ce": ({"finetune.mode": "full", "train.alpha": 0.0, "eval.systems": ["base", "memory"]}, "full",
                 (DATA, FINETUNE, "datastore", "index", TARGETS), ("train", "eval")),
-    "joint": ({"finetune.mode": "full", "eval.joint": True, "eval.out_name": "eval-joint",
-               "eval.systems": ["base", "memory"]}, "full",
+    "joint": ({"finetune.mode": "full", "eval.systems": ["base", "memory"]}, "full",
               (DATA, FINETUNE, "datastore", "index", TARGETS, MEMORY, "eval"), ("joint", "eval")),
 }
 # table rows: (label, variant, system)
@@ -112,7 +112,8 @@ def run(cfg: Config) -> dict:
         for stage in stages:
             t0 = time.time()
             log.info("=== compare: %s: %s ===", name, stage)
-            STAGES[stage].run(vcfg)
+            # joint reads full's tuned lambda from eval/; the pair it trains is scored into eval-joint/
+            STAGES[stage].run(joint_eval_config(vcfg) if (name, stage) == ("joint", "eval") else vcfg)
             timings[name][stage] = round(time.time() - t0, 1)
     res = table(cfg)
     res["wall_seconds"] = timings
@@ -152,6 +153,8 @@ def table(cfg: Config) -> dict:
         if name not in cfg.compare.variants:
             continue
         vcfg = variant_config(cfg, name)
+        if name == "joint":
+            vcfg = joint_eval_config(vcfg)
         res = load_eval_results(vcfg.run_dir, vcfg.eval.out_name)
         if res is None or system not in res["settings"]:
             continue
