@@ -26,6 +26,7 @@ from pathlib import Path
 from mlpmem.artifacts import (DATA, FINETUNE, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
                               read_manifest)
 from mlpmem.components.report import fmt_params
+from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config
 from mlpmem.files import atomic_write_json, atomic_write_text, human_bytes
 from mlpmem.pipeline import joint_eval_config
@@ -71,23 +72,13 @@ PAIRS = [
 ]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def variant_config(cfg: Config, name: str) -> Config:
     overrides = dict(VARIANTS[name][0])
     if name == "lora":
         overrides["finetune.lr"] = cfg.compare.lora_lr
     if name == "joint" and cfg.joint.mode == "none":
         overrides["joint.mode"] = "lora"
-    return load_config(None, {**_flat(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
+    return load_config(None, {**flat_options(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
 
 
 def _link(src: Path, dst: Path) -> None:

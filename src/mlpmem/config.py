@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mlpmem.config_values import build, set_dotted
+from mlpmem.config_values import build, point_name, read_yaml, set_dotted  # noqa: F401
 from mlpmem.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
 
 
@@ -409,21 +409,6 @@ class SweepConfig:
                f"must be a plain directory name, got {self.name!r}")
 
 
-def point_name(point: dict) -> str:
-    """A point's canonical name: 'base' for {}, else its options sorted, 'memory.num_blocks=2,train.epochs=4'."""
-    if not point:
-        return "base"
-    return ",".join(f"{k}={_short(v)}" for k, v in sorted(point.items()))
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    if isinstance(v, (list, tuple)):
-        return "+".join(map(_short, v))
-    return str(v)
-
-
 @dataclass
 class Config:
     out_dir: str = opt("runs/demo", "Run directory: every stage writes its artifacts and manifest under it.")
@@ -469,40 +454,10 @@ class Config:
 
 # ----------------------------------------------------------------------------- parsing
 
-def _merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``, sections merged key by key (lists and values replaced)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A config file as a tree; ``include: other.yaml`` (relative to this file) is read first and this file's
-    values go on top, so a study or a variant states only what differs from its preset."""
-    if not p.is_file():
-        where = f" (included from {seen[-1]})" if seen else ""
-        raise ConfigError(f"--config: file {str(p)!r} not found{where}")
-    if p.resolve() in seen:
-        raise ConfigError(f"--config: {p} includes itself (through {' -> '.join(map(str, seen))})")
-    try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"--config: {p} must hold a mapping of sections")
-    inc = loaded.pop("include", None)
-    if inc is None:
-        return loaded
-    if not isinstance(inc, str):
-        raise ConfigError(f"--config: {p}: include must name one YAML file, got {inc!r}")
-    return _merge(_read_yaml(p.parent / inc, seen + (p.resolve(),)), loaded)
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build a Config from an optional YAML file (which may ``include:`` another) and ``{"train.lr": "1e-3"}``-style
     overrides."""
-    tree: dict = _read_yaml(Path(path)) if path is not None else {}
+    tree: dict = read_yaml(Path(path)) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         set_dotted(tree, dotted, value)
     # validation of sub-sections happens inside Config.__post_init__, with section-prefixed flags

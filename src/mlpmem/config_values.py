@@ -1,5 +1,6 @@
 """Typed values from YAML or command-line strings: coercion to a field's type and building nested dataclasses,
-with errors that name the flag (``--train.lr: expected a number``). No knowledge of mlpmem's own sections."""
+with errors that name the flag (``--train.lr: expected a number``); YAML files with ``include:``; flat option
+names. No knowledge of mlpmem's own sections."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -122,3 +124,59 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--{dotted}: {p} is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, sections merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a tree; ``include: other.yaml`` (relative to this file) is read first and this file's
+    values go on top, so a study or a variant states only what differs from its preset."""
+    if not p.is_file():
+        where = f" (included from {seen[-1]})" if seen else ""
+        raise ConfigError(f"--config: file {str(p)!r} not found{where}")
+    if p.resolve() in seen:
+        raise ConfigError(f"--config: {p} includes itself (through {' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping of sections")
+    inc = loaded.pop("include", None)
+    if inc is None:
+        return loaded
+    if not isinstance(inc, str):
+        raise ConfigError(f"--config: {p}: include must name one YAML file, got {inc!r}")
+    return _merge(read_yaml(p.parent / inc, seen + (p.resolve(),)), loaded)
+
+
+def point_name(point: dict) -> str:
+    """A point's canonical name: 'base' for {}, else its options sorted, 'memory.num_blocks=2,train.epochs=4'."""
+    if not point:
+        return "base"
+    return ",".join(f"{k}={_short(v)}" for k, v in sorted(point.items()))
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, (list, tuple)):
+        return "+".join(map(_short, v))
+    return str(v)
+
+
+def flat_options(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.option": value} (the form load_config's overrides take)."""
+    out = {}
+    for k, val in d.items():
+        if isinstance(val, dict):
+            out.update(flat_options(val, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = val
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlpmem.artifacts import MEMORY, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
     rebuilding_stale
+from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config, point_name
 from mlpmem.errors import ConfigError
 from mlpmem.files import atomic_write_json, atomic_write_text, read_json
@@ -29,19 +30,9 @@ log = logging.getLogger(__name__)
 MEASURED = ("base", "knn", "memory", "memory alone", "memory+knn")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def point_config(cfg: Config, point: dict) -> Config:
     """The point's config: ``cfg`` with the point's options and --sweep.eval, its own out_dir, no sweep."""
-    flat = {k: v for k, v in _flat(cfg.to_dict()).items() if not k.startswith("sweep.")}
+    flat = {k: v for k, v in flat_options(cfg.to_dict()).items() if not k.startswith("sweep.")}
     evals = {f"eval.{k}": v for k, v in cfg.sweep.eval.items()}
     out = cfg.run_dir / cfg.sweep.name / point_name(point)
     try:
@@ -136,7 +127,7 @@ def collect(cfg: Config) -> dict:
             continue
         mem_m = read_manifest(pcfg.run_dir / MEMORY) or {}
         summary = mem_m.get("summary") or {}
-        flat = _flat(pcfg.to_dict())
+        flat = flat_options(pcfg.to_dict())
         row = {"point": name, "options": point, "values": {k: flat.get(k) for k in varied},
                "settings": res["settings"], "edges": res.get("edges", {}),
                "ppl": {s: {k: v["ppl"] for k, v in entry["systems"].items()} for s, entry in res["splits"].items()},
