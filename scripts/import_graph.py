@@ -23,7 +23,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("components", "artifacts", "stages"):
         return parts[1]
-    if len(parts) > 1 and parts[1] in ("cli", "pipeline", "compare", "sweep", "harness", "bench", "__main__"):
+    if len(parts) > 1 and parts[1] in ("cli", "pipeline", "compare", "sweep", "scaling", "harness", "bench", "__main__"):
         return "entry"
     return "base"
 

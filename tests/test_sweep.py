@@ -51,7 +51,9 @@ def test_sweep_links_shared_stages_and_reports_every_point(tmp_path, capsys):
     assert len({round(r["ppl"]["validation"]["base"], 9) for r in rows.values()}) == 1
     assert rows["memory.num_blocks=2"]["memory_params"] > rows["base"]["memory_params"]
     assert rows["train.epochs=2"]["values"] == {"memory.num_blocks": 1, "train.epochs": 2.0}
-    assert "train" in rows["train.epochs=2"]["wall_seconds"] and "train" not in rows["base"]["wall_seconds"]
+    # wall times come from the run directory that built each output: the base point's memory is the base run's
+    assert rows["base"]["wall_seconds"]["train"] == json.loads((root / "timings.json").read_text())["train"]
+    assert rows["train.epochs=2"]["wall_seconds"]["train"] != rows["base"]["wall_seconds"]["train"]
     assert (study / "sweep.png").stat().st_size > 0
     assert "| memory.num_blocks=2 |" in capsys.readouterr().out
     # a second call finds every point done: nothing is trained again, the table is the same
@@ -63,7 +65,7 @@ def test_sweep_links_shared_stages_and_reports_every_point(tmp_path, capsys):
 
 def test_sweep_plan_follows_the_options_each_stage_reads(tmp_path):
     cfg = load_config(_cfg_file(tmp_path))
-    ran = lambda pt: [s for s, how in plan(cfg, pt) if how == "run"]  # noqa: E731
+    ran = lambda pt: [s for s, how, _ in plan(cfg, pt) if how == "run"]  # noqa: E731
     assert ran({}) == ["eval"]
     assert ran({"train.epochs": 4}) == ["train", "eval"]  # extract reads train.val_positions only
     assert ran({"train.val_positions": 50}) == ["extract", "index", "knn-targets", "train", "eval"]
@@ -97,3 +99,49 @@ def test_config_include_merges_sections(tmp_path):
     (tmp_path / "missing.yaml").write_text("include: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml.*included from"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_sweep_plan_shares_outputs_between_points_and_skips_what_eval_does_not_read(tmp_path):
+    cfg = load_config(_cfg_file(tmp_path), {"sweep.points": "[{knn.datastore_tokens: 300}, "
+                                            "{knn.datastore_tokens: 300, memory.num_blocks: 2}, "
+                                            "{data.max_train_tokens: 300, finetune.mode: full, eval.systems: [base]}]"})
+    size, mem, ft = cfg.sweep.points
+    p = {s: (how, owner) for s, how, owner in plan(cfg, size)}
+    assert p["extract"] == ("shared", None)  # every size is a prefix of the base run's one extraction
+    assert [p[s][0] for s in ("index", "knn-targets", "train", "eval")] == ["run"] * 4
+    p = {s: (how, owner) for s, how, owner in plan(cfg, mem)}
+    owner = point_name(size)
+    assert p["index"] == ("shared", owner) and p["knn-targets"] == ("shared", owner)  # built by the size point
+    assert p["train"][0] == "run"
+    p = {s: how for s, how, _ in plan(cfg, ft)}  # the fine-tuned LM alone: no datastore, no memory
+    assert p == {"prepare": "run", "finetune": "run", "extract": "skip", "index": "skip", "knn-targets": "skip",
+                 "train": "skip", "eval": "run"}
+
+
+def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
+    from mlpmem.artifacts import Datastore
+
+    path = _cfg_file(tmp_path, **{"eval.splits": ["validation", "test"]})
+    d = yaml.safe_load(path.read_text())
+    d["sweep"] = {"name": "scale", "eval": {"splits": ["validation", "test"],
+                                           "systems": ["base", "knn", "memory", "memory+knn"]},
+                  "points": [{"knn.datastore_tokens": 400}, {}, {"knn.datastore_tokens": 400, "memory.num_blocks": 2}]}
+    path.write_text(yaml.safe_dump(d))
+    assert main(["sweep", "--config", str(path)]) == 0
+    root, scale = tmp_path / "run", tmp_path / "run" / "scale"
+    small, full = scale / "knn.datastore_tokens=400", scale / "base"
+    n = Datastore(root).n
+    assert n > 400 and (small / "datastore").resolve() == (root / "datastore").resolve()
+    assert json.loads((small / "index" / "manifest.json").read_text())["ntotal"] == 400
+    assert json.loads((small / "targets" / "manifest.json").read_text())["n_positions"] == 400
+    assert json.loads((full / "index" / "manifest.json").read_text())["ntotal"] == n
+    mem = scale / "knn.datastore_tokens=400,memory.num_blocks=2"
+    assert (mem / "targets").resolve() == (small / "targets").resolve()
+    assert json.loads((mem / "memory" / "manifest.json").read_text())["memory_config"]["num_blocks"] == 2
+    res = json.loads((scale / "results.json").read_text())
+    assert res["scaling"] and {r["datastore_tokens"] for r in res["rows"]} == {400, n}
+    out = capsys.readouterr().out
+    assert "### Corpus size (test perplexity" in out and "| 400 |" in out and "### Memory size at 400" in out
+    assert (scale / "scaling.png").stat().st_size > 0
+    with pytest.raises(Exception, match="exceeds the"):  # a prefix longer than the extraction
+        Datastore(root, limit=n + 1)

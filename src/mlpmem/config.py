@@ -186,6 +186,9 @@ class KnnConfig:
     query_batch: int = opt(2048, "Queries per search call.")
     teacher_dir: str | None = opt(None, "Run directory of a teacher model (same tokenizer) whose datastore and index "
                                   "supply the targets; None: this run's own.")
+    datastore_tokens: int | None = opt(None, "Use only the first N train positions of the extracted datastore for "
+                                       "the index, the kNN targets and the memory (None: all): corpus-size studies "
+                                       "share one extraction, each size a prefix of the next.")
 
     def validate(self, p: str) -> None:
         _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
@@ -193,6 +196,8 @@ class KnnConfig:
                f"must be > 0 or null (tuned), got {self.temperature}")
         _check(self.query_batch >= 1, f"{p}.query_batch", "must be >= 1")
         _check(self.store_ids is None or self.store_ids >= 1, f"{p}.store_ids", "must be >= 1 or null")
+        _check(self.datastore_tokens is None or self.datastore_tokens >= 2, f"{p}.datastore_tokens",
+               f"must be >= 2 or null, got {self.datastore_tokens}")
 
 
 @dataclass
@@ -381,7 +386,30 @@ class ExportConfig:
                f"must be a Hub repo id user/name, got {self.push_to!r}")
 
 
-SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate", "export")
+QA_KINDS = ("number", "name")
+
+
+@dataclass
+class QaConfig:
+    items: int = opt(240, "Items per side: held-in (from train documents: the datastore and memory hold them) and "
+                     "held-out (from test documents: the control).")
+    per_doc: int = opt(2, "At most this many items per document (intervals resample documents).")
+    kinds: list[str] = opt(list(QA_KINDS), "Answer spans: number (years, counts, amounts), name (a capitalised "
+                           "name that does not open its sentence).")
+    min_prompt_words: int = opt(4, "Words the answer's sentence must give before the answer (the cue).")
+    max_new_tokens: int = opt(10, "Greedy tokens generated per item (the prediction is its first n words, n the "
+                              "answer's).")
+    batch_size: int = opt(16, "Items per forward pass.")
+
+    def validate(self, p: str) -> None:
+        for n in ("items", "per_doc", "max_new_tokens", "batch_size"):
+            _check(getattr(self, n) >= 1, f"{p}.{n}", f"must be >= 1, got {getattr(self, n)}")
+        _check(self.min_prompt_words >= 0, f"{p}.min_prompt_words", "must be >= 0")
+        _check(len(self.kinds) > 0 and set(self.kinds) <= set(QA_KINDS), f"{p}.kinds",
+               f"must list some of {', '.join(QA_KINDS)}, got {self.kinds}")
+
+
+SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate", "export", "qa")
 
 
 @dataclass
@@ -431,6 +459,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    qa: QaConfig = field(default_factory=QaConfig)
 
     def __post_init__(self) -> None:
         self.validate()

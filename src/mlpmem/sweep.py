@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlpmem.artifacts import MEMORY, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
+from mlpmem.artifacts import DATASTORE, MEMORY, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
     rebuilding_stale
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config, point_name
@@ -31,31 +31,62 @@ MEASURED = ("base", "knn", "memory", "memory alone", "memory+knn")
 
 
 def point_config(cfg: Config, point: dict) -> Config:
-    """The point's config: ``cfg`` with the point's options and --sweep.eval, its own out_dir, no sweep."""
+    """The point's config: ``cfg`` with --sweep.eval, then the point's own options (which may set eval options
+    too, e.g. systems [base] for a fine-tuned LM alone), its own out_dir, no sweep."""
     flat = {k: v for k, v in flat_options(cfg.to_dict()).items() if not k.startswith("sweep.")}
     evals = {f"eval.{k}": v for k, v in cfg.sweep.eval.items()}
     out = cfg.run_dir / cfg.sweep.name / point_name(point)
     try:
-        return load_config(None, {**flat, **point, **evals, "out_dir": str(out), "force": False})
+        return load_config(None, {**flat, **evals, **point, "out_dir": str(out), "force": False})
     except ConfigError as e:
         raise ConfigError(f"--sweep.points: point {point_name(point)}: {e}") from None
 
 
-def plan(cfg: Config, point: dict) -> list[tuple[str, str]]:
-    """(stage, 'shared' | 'run') for each pipeline stage up to eval, in order."""
+def needed_stages(systems) -> set[str]:
+    """The pipeline stages an evaluation of ``systems`` reads (the base LM needs only the data and its model)."""
+    need = {"prepare", "finetune"}
+    if set(systems) & {"knn", "memory+knn"}:
+        need |= {"extract", "index"}
+    if set(systems) & {"memory", "memory+knn"}:
+        need |= {"extract", "index", "knn-targets", "train"}
+    return need
+
+
+def plan(cfg: Config, point: dict) -> list[tuple[str, str, str | None]]:
+    """(stage, how, owner) for each pipeline stage up to eval, in order. ``how``: 'shared' (built in the owner, then
+    linked: owner None is the base run --out_dir, else another point's name), 'run' (built in this point), or
+    'skip' (the point's eval does not need it). A stage's output depends on the point's options that it or any
+    stage upstream of it reads; points with the same such options share one output, built by the first of them."""
     from mlpmem.stages import pipeline_stages
 
-    ran: set[str] = set()
+    stages = [s for s in pipeline_stages()]
+    stages = stages[:[s.name for s in stages].index("eval") + 1]
+    names = [point_name(p) for p in cfg.sweep.points]
+    me = point_name(point)
+
+    def relevant(pt: dict) -> dict[str, dict]:
+        rel: dict[str, dict] = {}
+        for st in stages:
+            own = {k: v for k, v in pt.items() if st.reads(k)}
+            for up in st.upstream:
+                own.update(rel.get(up, {}))
+            rel[st.name] = own
+        return rel
+
+    mine = relevant(point)
+    others = [(n, relevant(p)) for n, p in zip(names, cfg.sweep.points)]
+    need = needed_stages(point_config(cfg, point).eval.systems)
     out = []
-    for stage in pipeline_stages():
-        if stage.name == "eval":
-            out.append((stage.name, "run"))
-            break
-        if any(stage.reads(k) for k in point) or ran & set(stage.upstream):
-            ran.add(stage.name)
-            out.append((stage.name, "run"))
+    for st in stages:
+        if st.name == "eval":
+            out.append((st.name, "run", me))
+        elif st.name not in need:
+            out.append((st.name, "skip", None))
+        elif not mine[st.name]:
+            out.append((st.name, "shared", None))
         else:
-            out.append((stage.name, "shared"))
+            owner = next((n for n, rel in others if rel[st.name] == mine[st.name]), me)
+            out.append((st.name, "run" if owner == me else "shared", owner))
     return out
 
 
@@ -72,6 +103,18 @@ def _created(stage_dir: Path) -> str | None:
     return (read_manifest(stage_dir) or {}).get("created")
 
 
+def _run_timed(stage, c: Config, output: str | None) -> None:
+    """Run a stage (it skips when done) and, when it built its output now, record its wall time in
+    ``<run>/timings.json`` (the same file `pipeline` writes)."""
+    before = _created(c.run_dir / output) if output else None
+    t0 = time.time()
+    stage.run(c)
+    if output and _created(c.run_dir / output) != before:
+        path = c.run_dir / "timings.json"
+        c.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**(read_json(path) or {}), stage.name: round(time.time() - t0, 1)})
+
+
 def run(cfg: Config) -> dict:
     from mlpmem.stages import STAGES
 
@@ -79,34 +122,48 @@ def run(cfg: Config) -> dict:
         raise ConfigError("--sweep.points: list the points to run, e.g. '[{memory.num_blocks: 2}, {train.epochs: 2}]' "
                           "({} is the config itself)")
     root = cfg.run_dir / cfg.sweep.name
+    by_name = {point_name(p): p for p in cfg.sweep.points}
     with rebuilding_stale():
         for i, point in enumerate(cfg.sweep.points, 1):
             pcfg = point_config(cfg, point)
             name = point_name(point)
-            timings_path = pcfg.run_dir / "timings.json"
-            timings = read_json(timings_path) or {}
-            for stage, how in plan(cfg, point):
+            for stage, how, owner in plan(cfg, point):
                 st = STAGES[stage]
                 output = pcfg.eval.out_name if stage == "eval" else st.output
+                if how == "skip":
+                    continue
                 if how == "shared":
-                    st.run(cfg)  # skips when done: the base run's output, built once for every point
-                    if output and (cfg.run_dir / output).exists():
-                        _link(cfg.run_dir / output, pcfg.run_dir / output)
+                    ocfg = cfg if owner is None else point_config(cfg, by_name[owner])
+                    _run_timed(st, ocfg, output)  # skips when done: built once for every point that shares it
+                    if output and (ocfg.run_dir / output).exists():
+                        _link(ocfg.run_dir / output, pcfg.run_dir / output)
                     continue
                 log.info("=== sweep %d/%d (%s): %s ===", i, len(cfg.sweep.points), name, stage)
-                before = _created(pcfg.run_dir / output) if output else None
-                t0 = time.time()
-                st.run(pcfg)
-                if output and _created(pcfg.run_dir / output) != before:  # built now, not found done
-                    timings[stage] = round(time.time() - t0, 1)
-            pcfg.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(timings_path, timings)
+                _run_timed(st, pcfg, output)
     res = collect(cfg)
     atomic_write_json(root / "results.json", res)
     atomic_write_text(root / "results.md", res["table"] + "\n")
     plot_sweep(res, root / "sweep.png")
+    if res.get("scaling"):
+        from mlpmem.scaling import plot_scaling
+
+        plot_scaling(res, root / "scaling.png")
     print(res["table"])
     return res
+
+
+def _wall_seconds(cfg: Config, point: dict) -> dict:
+    """Wall time of each stage the point uses, from the timings of the run directory that built it."""
+    by_name = {point_name(p): p for p in cfg.sweep.points}
+    out = {}
+    for stage, how, owner in plan(cfg, point):
+        if how == "skip":
+            continue
+        c = cfg if (how == "shared" and owner is None) else point_config(cfg, by_name[owner])
+        t = (read_json(c.run_dir / "timings.json") or {}).get(stage)
+        if t is not None:
+            out[stage] = t
+    return out
 
 
 def collect(cfg: Config) -> dict:
@@ -136,7 +193,8 @@ def collect(cfg: Config) -> dict:
                "train_epochs": pcfg.train.epochs, "train_steps": summary.get("steps"),
                "best_step": summary.get("best_step"), "best_val_loss": summary.get("best_val_loss"),
                "train_tokens_per_s": summary.get("tokens_per_s"),
-               "wall_seconds": read_json(pcfg.run_dir / "timings.json") or {}}
+               "wall_seconds": _wall_seconds(cfg, point), "splits": res["splits"],
+               "systems_meta": res.get("systems_meta", {}), "datastore_tokens": _datastore_tokens(pcfg)}
         if split in res["splits"]:
             scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
             for system in ("base", "memory", "knn"):
@@ -163,7 +221,20 @@ def collect(cfg: Config) -> dict:
             n = r["point"]
             r["memory_vs_base_lm"] = ci.get((f"{n}|memory", f"{n}|base"))
             r["memory_vs_base_point"] = ci.get((f"{n}|memory", f"{ref}|memory")) if ref else None
-    return {"split": split, "reference_point": ref, "rows": rows, "table": _markdown(rows, split, ref)}
+    table = _markdown(rows, split, ref)
+    scaling = any("knn.datastore_tokens" in pt for pt in cfg.sweep.points)
+    if scaling:
+        from mlpmem.scaling import scaling_table
+
+        table += "\n\n" + scaling_table(rows)
+    return {"split": split, "reference_point": ref, "rows": rows, "table": table, "scaling": scaling}
+
+
+def _datastore_tokens(pcfg: Config) -> int | None:
+    """The datastore positions a point's kNN-LM and memory use: --knn.datastore_tokens, else the whole extraction."""
+    if pcfg.knn.datastore_tokens is not None:
+        return pcfg.knn.datastore_tokens
+    return (read_manifest(pcfg.run_dir / DATASTORE) or {}).get("n_positions")
 
 
 def _pct(x: float) -> str:

@@ -8,5 +8,5 @@ from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, inval
 from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX, JOINT, JOINT_MEMORY,  # noqa
                                       MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, joint_model, load_eval_results,
                                       load_eval_scores, load_memory, load_offsets, load_scores, load_split,
-                                      open_index, save_scores, scores_path, tuned_memory_lambda,
+                                      open_index, open_knn, save_scores, scores_path, tuned_memory_lambda,
                                       tuned_memory_temperature)

@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 # stage -> the command that makes it (for messages)
 COMMANDS = {"prepare": "mlpmem prepare", "finetune": "mlpmem finetune", "extract": "mlpmem extract", "index": "mlpmem index",
             "knn-targets": "mlpmem knn-targets", "train": "mlpmem train", "eval": "mlpmem eval",
-            "joint": "mlpmem joint"}
+            "joint": "mlpmem joint", "qa": "mlpmem qa"}
 
 _rebuild_stale: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_stale", default=False)
 

@@ -101,7 +101,9 @@ class Datastore:
     """Read access to a finished datastore: shard memmaps of keys (float16) and vals (int32), by global row."""
 
     def __init__(self, run_dir: Path, expect_model: dict | None = None, expect_hook: str | None = None,
-                 split: str = "train"):
+                 split: str = "train", limit: int | None = None):
+        """``limit``: use only the first ``limit`` rows (--knn.datastore_tokens), a datastore over a prefix of the
+        train split that shares this extraction with larger ones."""
         self.run_dir = Path(run_dir)
         self.key = DATASTORE if split == "train" else f"{DATASTORE}/{split}"
         self.dir = self.run_dir / self.key
@@ -124,10 +126,29 @@ class Datastore:
             if k.ndim != 2 or k.shape[1] != self.dim:
                 raise StageError(f"a key shard in {self.dir} has shape {k.shape}, expected (rows, {self.dim}): "
                                  "rerun `mlpmem extract --force`")
+        self.shards = [dict(s) for s in m["shards"]]  # {start, stop, ...} in row order
+        self.limit = limit
+        if limit is not None:
+            if limit > self.n:
+                raise StageError(f"--knn.datastore_tokens {limit} exceeds the {self.n} positions of the datastore "
+                                 f"in {self.dir}: lower it, or prepare and extract more train text "
+                                 "(--data.max_train_tokens)")
+            keep = [i for i, sh in enumerate(self.shards) if sh["start"] < limit]
+            self.shards = [{**self.shards[i], "stop": min(self.shards[i]["stop"], limit)} for i in keep]
+            self.keys = [self.keys[i][:sh["stop"] - sh["start"]] for i, sh in zip(keep, self.shards)]
+            self.vals_shards = [self.vals_shards[i][:sh["stop"] - sh["start"]] for i, sh in zip(keep, self.shards)]
+            self.n = limit
 
     @property
     def fingerprint(self) -> str:
+        """The extraction's fingerprint (what downstream manifests record as their upstream)."""
         return self.manifest["fingerprint"]
+
+    @property
+    def scope(self) -> list[int]:
+        """What a stage reading this datastore adds to its fingerprint: [rows] for a prefix, [] for all of it
+        (so runs made before prefixes existed keep their fingerprints)."""
+        return [] if self.limit is None else [self.n]
 
     @property
     def has_validation(self) -> bool:
@@ -192,7 +213,14 @@ class TargetStore:
 
     @property
     def fingerprint(self) -> str:
+        """The extraction's fingerprint (what downstream manifests record as their upstream)."""
         return self.manifest["fingerprint"]
+
+    @property
+    def scope(self) -> list[int]:
+        """What a stage reading this datastore adds to its fingerprint: [rows] for a prefix, [] for all of it
+        (so runs made before prefixes existed keep their fingerprints)."""
+        return [] if self.limit is None else [self.n]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -244,6 +272,52 @@ def load_memory(run_dir: Path, lm, hook, path: str | Path | None = None, require
     meta = {"fingerprint": m["fingerprint"], "params": memory.num_parameters(),
             "bytes": (Path(path) / "model.safetensors").stat().st_size}
     return memory.eval(), meta
+
+
+class KnnSource:
+    """kNN-LM over a run's datastore and index, as evaluation and decoding use it (see :func:`open_knn`)."""
+
+    def __init__(self, index, ds: "Datastore", im: dict, k: int, exact: bool) -> None:
+        self.index, self.keys, self.vals, self.k, self.exact = index, ds.keys, ds.vals, k, exact
+        self.meta = {"upstream": {DATASTORE: ds.fingerprint, INDEX: im["fingerprint"]},
+                     "settings": [k, "exact" if exact else "index"], "bytes": ds.manifest["bytes"] + im["bytes"],
+                     "factory": im["factory"], "k": k}
+
+    def scorer(self, temperatures):
+        """``scorer(hidden (M, d), gold (M,)) -> log p_kNN(gold)`` (len(temperatures), M); components.knn."""
+        from mlpmem.components.knn import knn_scorer
+
+        return knn_scorer(self.index, self.keys, self.vals, self.k, temperatures, self.exact)
+
+    def logprobs(self, hidden: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+        """The whole kNN distribution of (B, d) queries, log-probabilities (B, V) float32."""
+        from mlpmem.components.knn import knn_logprobs
+
+        return knn_logprobs(self.index, self.keys, self.vals, self.k, temperature, self.exact, hidden, vocab_size)
+
+
+def open_knn(cfg, lm, hook) -> KnnSource | None:
+    """kNN-LM over this run's datastore and index (k = --eval.knn_k or --knn.k); None if there is none yet.
+
+    A datastore or index that does not exist yet only skips kNN-LM (with a warning); one built for another model,
+    hook point or corpus, or an index over another datastore, is an error: its keys would not be comparable.
+    """
+    for key, stage in ((DATASTORE, "extract"), (INDEX, "index")):
+        if not is_complete(cfg.run_dir / key):
+            log.warning("kNN-LM skipped: no complete %s output in %s (run `mlpmem %s`)", stage,
+                        cfg.run_dir / key, stage)
+            return None
+    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook), limit=cfg.knn.datastore_tokens)
+    index, im = open_index(cfg.run_dir, cfg.index.nprobe)
+    if index.ntotal != ds.n:
+        raise StageError(f"the index in {cfg.run_dir / INDEX} holds {index.ntotal} keys but the datastore "
+                         f"{ds.n}{' (--knn.datastore_tokens)' if ds.limit else ''}: rerun `mlpmem index --force`")
+    k = cfg.eval.knn_k or cfg.knn.k
+    if k > ds.n:
+        raise StageError(f"--knn.k {k} is larger than the datastore ({ds.n} keys): lower --knn.k or --eval.knn_k")
+    src = KnnSource(index, ds, im, k, cfg.knn.distances == "exact")
+    src.meta["settings"] = [k, cfg.knn.distances, cfg.index.nprobe]
+    return src
 
 
 # ----------------------------------------------------------------------------- evaluation results

@@ -308,3 +308,20 @@ def knn_scorer(index: faiss.Index, keys: KeysLike, vals, k: int, temperatures: S
 
     scorer.temperatures = temps  # the rows of what it returns, in order
     return scorer
+
+
+def knn_logprobs(index: faiss.Index, keys: KeysLike, vals, k: int, temperature: float, exact: bool,
+                 hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """kNN-LM's whole next-token distribution for (B, d) queries: log p_kNN, float32 (B, V), -inf off its support
+    (for decoding, where every token's probability is needed; scoring needs only the gold's, knn_scorer)."""
+    xq = hidden.float().cpu().numpy()
+    D, I = search(index, xq, k)
+    if exact:
+        D = recompute_distances(keys, xq, I)
+    ids, probs, _ = sparse_knn_distribution(D, I, vals, temperature)  # K = k: nothing is dropped
+    out = torch.full((ids.shape[0], vocab_size), float("-inf"))
+    rows, cols = np.nonzero(ids >= 0)
+    with np.errstate(divide="ignore"):
+        out[torch.from_numpy(rows), torch.from_numpy(ids[rows, cols].astype(np.int64))] = \
+            torch.from_numpy(np.log(probs[rows, cols]))
+    return out

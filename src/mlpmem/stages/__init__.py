@@ -48,7 +48,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("model", "data", "window", "finetune", "extract", "train"), ("prepare", "finetune"),
           "mlpmem.stages.extract:run", output="datastore", reads_only=("train.val_positions",)),
     Stage("index", "Build a FAISS index over the stored keys and report its recall against exact search.",
-          ("index", "knn"), ("extract",), "mlpmem.stages.index:run", output="index", reads_only=("knn.k",)),
+          ("index", "knn"), ("extract",), "mlpmem.stages.index:run", output="index", reads_only=("knn.k", "knn.datastore_tokens")),
     Stage("knn-targets", "Search each train position's neighbours (leave-one-out) and store sparse kNN targets; "
           "their temperature is kNN-LM's best on validation unless --knn.temperature is set.",
           ("model", "window", "finetune", "extract", "index", "knn", "train", "eval"), ("extract", "index"),
@@ -93,6 +93,12 @@ COMMANDS: dict[str, Stage] = {
     "export": Stage("export", "Write the memory as a Hugging Face Hub model folder with a model card (base model, "
                     "hook, corpus, eval results); --export.push_to uploads it.",
                     ("data", "eval", "export"), ("train", "eval"), "mlpmem.stages.export:run", in_pipeline=False),
+    "qa": Stage("qa", "Corpus-knowledge QA: cloze questions whose answers (numbers, names) come from train documents "
+                "(held in) and test documents (held out); exact match, F1 and answer log-likelihood of the base LM, "
+                "kNN-LM and the memory at eval's tuned settings, with intervals; also written as lm-eval tasks.",
+                ("model", "data", "window", "finetune", "extract", "index", "knn", "memory", "eval", "qa"),
+                ("prepare", "extract", "index", "train", "eval"), "mlpmem.stages.qa:run", output="qa",
+                in_pipeline=False),
     "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
                           "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
 }

@@ -13,17 +13,14 @@ import logging
 import time
 
 
-from mlpmem.artifacts import DATA, DATASTORE, INDEX, JOINT, MEMORY, Datastore, base_model, invalidate, \
-    is_complete, joint_model, load_memory, load_offsets, load_scores, load_split, open_index, save_scores, \
-    scores_path, should_skip, verify_chain, write_manifest
+from mlpmem.artifacts import DATA, JOINT, MEMORY, base_model, invalidate, joint_model, load_memory, load_offsets, \
+    load_scores, load_split, open_knn, save_scores, scores_path, should_skip, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
-from mlpmem.components.knn import knn_scorer
 from mlpmem.components.lm import load_lm
 from mlpmem.components.report import plot_lambda, plot_training, results_table
 from mlpmem.components.scoring import Scored, score_tokens
 from mlpmem.components.tuning import MAX_WIDENINGS, doc_ids_of, settle, warn_edges, widened_grids
 from mlpmem.config import Config
-from mlpmem.errors import StageError
 from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint
 from mlpmem.runtime import barrier, broadcast_from_main, dist_info, fault_point
 from mlpmem.stages import save_stage_config
@@ -52,8 +49,10 @@ def run(cfg: Config) -> dict:
         elif memory is not None:
             upstream[MEMORY] = mem_meta["fingerprint"]
     if systems & {"knn", "memory+knn"}:
-        make_scorer, knn_meta = load_knn_scorer(cfg, lm, hook)
-        upstream.update(knn_meta.get("upstream", {}))
+        knn = open_knn(cfg, lm, hook)
+        if knn is not None:
+            make_scorer, knn_meta = knn.scorer, knn.meta
+            upstream.update(knn_meta["upstream"])
     fp = fingerprint("eval", upstream, lm.identity["fingerprint"], cfg.to_dict()["eval"], cfg.to_dict()["window"],
                      cfg.model.dtype, knn_meta.get("settings"), cfg.seed)
     dist = dist_info()
@@ -148,32 +147,6 @@ def _score_splits(cfg: Config, lm, hook, memory, scorer, mem_temperatures, out, 
         # an evaluation interrupted while widening its grids: some splits were scored again, some not
         return _score_splits(cfg, lm, hook, memory, scorer, mem_temperatures, out, fp, dist, reuse=False)
     return scored
-
-
-def load_knn_scorer(cfg: Config, lm, hook) -> tuple[object | None, dict]:
-    """A maker of kNN-LM scorers over this run's datastore and index, ``make(temperatures) -> scorer`` (see
-    components.knn.knn_scorer), and their metadata; (None, {}) if there is none.
-
-    A datastore or index that does not exist yet only skips kNN-LM (with a warning); one built for another model,
-    hook point or corpus, or an index over another datastore, is an error: its keys would not be comparable.
-    """
-    for key, stage in ((DATASTORE, "extract"), (INDEX, "index")):
-        if not is_complete(cfg.run_dir / key):
-            log.warning("kNN-LM skipped: no complete %s output in %s (run `mlpmem %s`)", stage,
-                        cfg.run_dir / key, stage)
-            return None, {}
-    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
-    index, im = open_index(cfg.run_dir, cfg.index.nprobe)
-    k = cfg.eval.knn_k or cfg.knn.k
-    if k > ds.n:
-        raise StageError(f"--knn.k {k} is larger than the datastore ({ds.n} keys): lower --knn.k or --eval.knn_k")
-    def make(temperatures):
-        return knn_scorer(index, ds.keys, ds.vals, k, temperatures, cfg.knn.distances == "exact")
-
-    meta = {"upstream": {DATASTORE: ds.fingerprint, INDEX: im["fingerprint"]},
-            "settings": [k, cfg.knn.distances, cfg.index.nprobe], "bytes": ds.manifest["bytes"] + im["bytes"],
-            "factory": im["factory"], "k": k}
-    return make, meta
 
 
 def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:

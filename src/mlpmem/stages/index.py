@@ -25,11 +25,11 @@ def run(cfg: Config) -> dict:
 
 def _index(cfg: Config) -> dict:
     out = cfg.run_dir / INDEX
-    ds = Datastore(cfg.run_dir)
+    ds = Datastore(cfg.run_dir, limit=cfg.knn.datastore_tokens)
     upstream = {DATASTORE: ds.fingerprint}
     spec = resolve_factory(cfg.index.factory, ds.n, ds.dim)
     ic = cfg.to_dict()["index"]
-    fp = fingerprint("index", upstream, spec, {k: ic[k] for k in ("train_size", "add_chunk")}, cfg.seed)
+    fp = fingerprint("index", upstream, spec, {k: ic[k] for k in ("train_size", "add_chunk")}, cfg.seed, *ds.scope)
     done = should_skip(out, "index", fp, cfg.force, upstream)
     if done:
         return done

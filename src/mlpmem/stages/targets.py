@@ -36,7 +36,10 @@ def run(cfg: Config) -> dict:
     kc = cfg.knn
     teacher = Path(kc.teacher_dir) if kc.teacher_dir else cfg.run_dir
     own = teacher.resolve() == cfg.run_dir.resolve()
-    ds = Datastore(teacher)
+    if kc.datastore_tokens is not None and not own:
+        raise ConfigError("--knn.datastore_tokens: a prefix of the datastore needs this run's own (not "
+                          "--knn.teacher_dir)")
+    ds = Datastore(teacher, limit=kc.datastore_tokens)
     student = ds if own else Datastore(cfg.run_dir)
     if not own:
         _check_teacher(ds, student)
@@ -60,7 +63,7 @@ def run(cfg: Config) -> dict:
     if auto is not None:  # the sweep scores validation text with the base LM
         upstream.update({DATA: verify_chain(cfg.run_dir, DATA, "prepare")["fingerprint"], **base_model(cfg)[1]})
     fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, auto, kc.distances, kc.store_ids,
-                     kc.query_batch, cfg.index.nprobe)
+                     kc.query_batch, cfg.index.nprobe, *ds.scope)
     done = should_skip(out, "knn-targets", fp, cfg.force, upstream)
     if done:
         return done
@@ -72,7 +75,7 @@ def run(cfg: Config) -> dict:
         temperature, sweep = broadcast_from_main(_tuned_temperature(cfg, ds, index) if dist.is_main else None)
     barrier()
     stats = {}
-    shards = ds.manifest["shards"]
+    shards = ds.shards
     suffix = [f"-{s:05d}-of-{len(shards):05d}" for s in range(len(shards))]
     for s in range(dist.rank, len(shards), dist.world_size):
         sh = shards[s]

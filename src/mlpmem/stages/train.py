@@ -34,7 +34,10 @@ def run(cfg: Config) -> dict:
     mcfg, model_up = base_model(cfg)
     lm = load_lm(mcfg)
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
-    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook))
+    ds = Datastore(cfg.run_dir, expect_model=lm.identity, expect_hook=str(hook), limit=cfg.knn.datastore_tokens)
+    if ds.limit is not None and cfg.train.input == "online":
+        raise StageError("--knn.datastore_tokens trains on a prefix of the datastore's keys: use --train.input "
+                         "offline")
     tg = TargetStore(cfg.run_dir)
     if tg.manifest["upstream"].get(DATASTORE) != ds.fingerprint or tg.manifest["n_positions"] != ds.n:
         raise StageError(f"the kNN targets in {tg.dir} were computed for another datastore than the one in "
@@ -53,7 +56,7 @@ def run(cfg: Config) -> dict:
     mc = memory_config_for(lm.model.config, num_blocks=cfg.memory.num_blocks, hidden_size=cfg.memory.hidden_size,
                            intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout, meta=meta)
     fp = fingerprint("train", upstream, mc.to_dict(), cfg.to_dict()["train"], cfg.memory.init_head, cfg.seed,
-                     dist.world_size)
+                     dist.world_size, *ds.scope)
     done = should_skip(out, "train", fp, cfg.force, upstream)
     if done:
         return done

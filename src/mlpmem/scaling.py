@@ -1,0 +1,149 @@
+"""The scaling view of a sweep: how kNN-LM, the memory and the fine-tuned LM improve with the corpus, and the
+memory with its size (issue: scaling). A sweep whose points vary ``knn.datastore_tokens`` (datastores that are
+prefixes of one extraction), ``memory.num_blocks`` at one corpus size, and optionally fine-tuned LMs
+(``finetune.mode`` with ``data.max_train_tokens``, evaluated alone) gets, besides the sweep's own table:
+
+- a corpus-size table: perplexity of each system with 95% intervals against the base LM, memory vs kNN-LM,
+  storage (datastore + index against the memory's weights), inference tokens/s and the stages' wall times;
+- a memory-size table at the corpus size where the memory sizes were varied;
+- ``scaling.png``: perplexity against corpus size (log axis) per system, perplexity against memory parameters,
+  storage and tokens/s against corpus size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SIZE = "knn.datastore_tokens"
+SYSTEMS = (("knn", "kNN-LM"), ("memory", "memory"), ("memory+knn", "memory + kNN-LM"))
+
+
+def _split(rows: list[dict]) -> str:
+    have = {s for r in rows for s in r["splits"]}
+    return "test" if "test" in have else sorted(have)[0]
+
+
+def scaling_rows(rows: list[dict]) -> dict:
+    """The rows of a sweep's results grouped for the scaling view: {'sizes': [...] (by datastore tokens),
+    'finetuned': {train tokens: row}, 'memory': [...] (memory-size points, by parameters), 'split': ...}."""
+    split = _split(rows) if rows else "test"
+    ft = {r["values"].get("data.max_train_tokens"): r for r in rows
+          if (r["options"].get("finetune.mode") or "none") != "none"}
+    plain = [r for r in rows if set(r["options"]) <= {SIZE} and r["datastore_tokens"]
+             and "memory" in r["splits"].get(split, {}).get("systems", {})]
+    sizes = sorted(plain, key=lambda r: r["datastore_tokens"])
+    mem = [r for r in rows if "memory.num_blocks" in r["options"] and set(r["options"]) <= {SIZE, "memory.num_blocks"}]
+    if mem:
+        at = mem[0]["datastore_tokens"]
+        mem += [r for r in sizes if r["datastore_tokens"] == at]
+        mem = sorted([r for r in mem if r["datastore_tokens"] == at and r["memory_params"]],
+                     key=lambda r: r["memory_params"])
+    return {"split": split, "sizes": sizes, "finetuned": {k: v for k, v in ft.items() if k}, "memory": mem}
+
+
+def _ppl(r: dict, split: str, system: str) -> str:
+    s = r["splits"].get(split, {}).get("systems", {}).get(system)
+    if not s:
+        return "-"
+    ci = s.get("vs_base")
+    return f"{s['ppl']:.3f}" + (f" ({100 * ci['change']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, "
+                                f"{100 * ci['ci95'][1]:+.1f}])" if ci else "")
+
+
+def _mb(x) -> str:
+    return f"{x / 2**20:.0f}" if x else "-"
+
+
+def _fine_tuned(g: dict, tokens: int, split: str) -> str:
+    # the fine-tuned LM trained on the prefix closest to this size (whole documents up to its token budget)
+    near = [k for k in g["finetuned"] if abs(k - tokens) <= 0.02 * tokens]
+    if not near:
+        return "-"
+    r = g["finetuned"][near[0]]
+    s = r["splits"].get(split, {}).get("systems", {}).get("base")
+    return f"{s['ppl']:.3f}" if s else "-"
+
+
+def scaling_table(rows: list[dict]) -> str:
+    g = scaling_rows(rows)
+    split, lines = g["split"], []
+    if g["sizes"]:
+        lines += [f"### Corpus size ({split} perplexity; % vs the base LM with 95% intervals over documents)", "",
+                  "| datastore tokens | base LM | kNN-LM | memory | memory + kNN-LM | memory vs kNN-LM | fine-tuned LM "
+                  "| storage MB: datastore + index / memory | tokens/s: base / + kNN-LM / + memory | wall s: "
+                  "index, knn-targets, train |", "|---" * 10 + "|"]
+        for r in g["sizes"]:
+            sp = r["splits"][split]
+            cmp_ = sp.get("comparisons", {}).get("memory vs knn")
+            vs = f"{100 * cmp_['change']:+.1f}% [{100 * cmp_['ci95'][0]:+.1f}, {100 * cmp_['ci95'][1]:+.1f}]" \
+                if cmp_ else "-"
+            meta = r.get("systems_meta", {})
+            tps = " / ".join(f"{meta[s]['tokens_per_s']:.0f}" if s in meta else "-" for s in ("base", "knn", "memory"))
+            w = r["wall_seconds"]
+            lines.append(f"| {r['datastore_tokens']:,} | {sp['systems']['base']['ppl']:.3f} | "
+                         + " | ".join(_ppl(r, split, s) for s, _ in SYSTEMS)
+                         + f" | {vs} | {_fine_tuned(g, r['datastore_tokens'], split)} | "
+                         f"{_mb((meta.get('knn') or {}).get('storage_bytes'))} / "
+                         f"{_mb((meta.get('memory') or {}).get('storage_bytes'))} | {tps} | "
+                         f"{', '.join(str(w.get(s, '-')) for s in ('index', 'knn-targets', 'train'))} |")
+    if g["memory"]:
+        from mlpmem.components.report import fmt_params
+
+        at = g["memory"][0]["datastore_tokens"]
+        lines += ["", f"### Memory size at {at:,} datastore tokens ({split} perplexity)", "",
+                  "| blocks | memory params | params per datastore token | memory alone | base + memory | "
+                  "kNN-LM | train s |", "|---" * 7 + "|"]
+        for r in g["memory"]:
+            sp = r["splits"][split]["systems"]
+            lines.append(f"| {r['memory_blocks']} | {fmt_params(r['memory_params'])} | "
+                         f"{r['memory_params'] / at:.0f} | {sp['memory alone']['ppl']:.3f} | "
+                         f"{_ppl(r, split, 'memory')} | {_ppl(r, split, 'knn')} | "
+                         f"{r['wall_seconds'].get('train', '-')} |")
+    return "\n".join(lines)
+
+
+def plot_scaling(res: dict, path: Path) -> bool:
+    """Four panels: perplexity vs corpus size per system (log x), perplexity vs memory parameters, storage vs
+    corpus size, inference tokens/s vs corpus size."""
+    g = scaling_rows(res["rows"])
+    if not g["sizes"]:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = g["split"]
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+    xs = [r["datastore_tokens"] for r in g["sizes"]]
+    ppl = lambda r, s: r["splits"][split]["systems"].get(s, {}).get("ppl")  # noqa: E731
+    ax[0].axhline(ppl(g["sizes"][0], "base"), color="grey", ls=":", label="base LM")
+    for s, label in SYSTEMS:
+        pts = [(x, ppl(r, s)) for x, r in zip(xs, g["sizes"]) if ppl(r, s)]
+        ax[0].plot(*zip(*pts), "o-", label=label)
+    ft = sorted((k, r["splits"][split]["systems"]["base"]["ppl"]) for k, r in g["finetuned"].items()
+                if split in r["splits"])
+    if ft:
+        ax[0].plot(*zip(*ft), "s--", label="fine-tuned LM")
+    ax[0].set(xscale="log", xlabel="train tokens (datastore / fine-tuning)", ylabel=f"{split} perplexity")
+    if g["memory"]:
+        m = g["memory"]
+        ax[1].plot([r["memory_params"] / 1e6 for r in m], [ppl(r, "memory") for r in m], "o-", label="base + memory")
+        ax[1].axhline(ppl(m[0], "knn"), color="C0", ls="--", label="kNN-LM")
+        ax[1].set(xlabel=f"memory parameters (M), {m[0]['datastore_tokens']:,} tokens", ylabel=f"{split} perplexity")
+    meta = [r.get("systems_meta", {}) for r in g["sizes"]]
+    for key, label in (("knn", "datastore + index"), ("memory", "memory")):
+        ax[2].plot(xs, [(m.get(key) or {}).get("storage_bytes", 0) / 2**20 for m in meta], "o-", label=label)
+    ax[2].set(xscale="log", yscale="log", xlabel="datastore tokens", ylabel="storage (MiB)")
+    for key, label in (("base", "base LM"), ("knn", "+ kNN-LM"), ("memory", "+ memory")):
+        ax[3].plot(xs, [(m.get(key) or {}).get("tokens_per_s", 0) for m in meta], "o-", label=label)
+    ax[3].set(xscale="log", xlabel="datastore tokens", ylabel="eval tokens/s")
+    for a in ax:
+        a.grid(alpha=0.3)
+        if a.has_data():
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
