@@ -15,21 +15,11 @@ from typing import Any
 
 import yaml
 
-from mlpmem.config_values import build, point_name, read_yaml, set_dotted  # noqa: F401
+from mlpmem.config_values import build, opt, point_name, read_yaml, set_dotted  # noqa: F401
+from mlpmem.config_values import check as _check
+from mlpmem.config_commands import (COMPARE_VARIANTS, QA_KINDS, SWEEP_EXCLUDED, BenchConfig,  # noqa: F401
+                                    CompareConfig, ExportConfig, QaConfig, SweepConfig)
 from mlpmem.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
-
-
-def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    """A dataclass field with help text (and optional allowed values) for the CLI."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-def _check(cond: bool, flag: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"--{flag}: {msg}")
 
 
 @dataclass
@@ -312,129 +302,6 @@ class GenerateConfig:
         _check(self.temperature is None or self.temperature > 0, f"{p}.temperature",
                f"must be > 0 or null (tuned), got {self.temperature}")
         _check(self.lam is None or 0.0 <= self.lam <= 1.0, f"{p}.lam", "must be in [0, 1] or null")
-
-
-@dataclass
-class BenchConfig:
-    sizes: list[int] = opt([10_000, 100_000, 1_000_000], "Datastore sizes (keys) for the inference benchmark.")
-    tokens: int = opt(2048, "Tokens scored per inference measurement.")
-    train_steps: int = opt(10, "Steps timed for the training-loss comparison.")
-    real_keys: int = opt(16384, "Keys extracted from the base LM over the train split; larger datastores tile them "
-                         "with Gaussian noise (see --bench.noise).")
-    noise: float = opt(0.05, "Std of the noise added to tiled copies of the real keys, as a fraction of each "
-                       "dimension's std (copies stay distinct vectors).")
-    ivf_train_size: int = opt(65536, "Keys sampled to train each IVFPQ index (nlist is also capped at this / 39, "
-                              "FAISS' minimum of training points per list).")
-    repeats: int = opt(2, "Rounds of inference timings (systems interleaved); each system's fastest pass is "
-                       "reported. Passes over 20 s and 3x the base LM's are not repeated.")
-    flat_max: int = opt(1_000_000, "Largest datastore held in RAM (2d bytes per key) and also searched with a Flat "
-                        "index (4d more); larger sizes are IVFPQ only: trained on a sample of the first flat_max "
-                        "keys, the other keys generated chunk by chunk and streamed into the index.")
-    memory_blocks: list[int] = opt([4, 0], "Memories timed (one base+memory system each), by number of blocks; 0 "
-                                   "is the authors' depth rule (1.5 x the LM's layers, a memory as large as the "
-                                   "LM). 4 is the demo preset's. The training comparison uses the first.")
-
-    def validate(self, p: str) -> None:
-        _check(len(self.sizes) > 0 and all(s >= 100 for s in self.sizes), f"{p}.sizes",
-               "must list one or more sizes, each >= 100")
-        _check(self.tokens >= 2, f"{p}.tokens", f"must be >= 2, got {self.tokens}")
-        _check(self.train_steps >= 1, f"{p}.train_steps", f"must be >= 1, got {self.train_steps}")
-        _check(self.real_keys >= 100, f"{p}.real_keys", f"must be >= 100, got {self.real_keys}")
-        _check(self.noise >= 0, f"{p}.noise", f"must be >= 0, got {self.noise}")
-        _check(self.ivf_train_size >= 1, f"{p}.ivf_train_size", "must be >= 1")
-        _check(self.repeats >= 1, f"{p}.repeats", f"must be >= 1, got {self.repeats}")
-        _check(self.flat_max >= 100, f"{p}.flat_max", f"must be >= 100, got {self.flat_max}")
-        _check(len(self.memory_blocks) >= 1 and all(b >= 0 for b in self.memory_blocks), f"{p}.memory_blocks",
-               f"must list one or more block counts >= 0 (0: the depth rule), got {self.memory_blocks}")
-
-
-COMPARE_VARIANTS = ("vanilla", "full", "lora", "full-ce", "joint")
-
-
-@dataclass
-class CompareConfig:
-    variants: list[str] = opt(list(COMPARE_VARIANTS), "Runs of `mlpmem compare`, each a run directory under "
-                              "--out_dir: vanilla (the base LM as given, + kNN-LM, + memory), full / lora (the base "
-                              "fine-tuned on the train split, + kNN-LM and memory for full), full-ce (the memory on "
-                              "the fine-tuned base trained with --train.alpha 0: no kNN targets, the control), joint (full's LM and "
-                              "memory trained together on the mixture's loss, --joint.mode, LoRA unless set).")
-    split: str = opt("test", "Split of the table (settings are tuned on validation).", ("validation", "test"))
-    lora_lr: float = opt(2e-4, "--finetune.lr of the lora variant (adapters want a larger rate than full "
-                         "fine-tuning, which uses --finetune.lr).")
-
-    def validate(self, p: str) -> None:
-        _check(len(self.variants) > 0, f"{p}.variants", "must list at least one variant")
-        for v in self.variants:
-            _check(v in COMPARE_VARIANTS, f"{p}.variants", f"unknown variant {v!r} (known: {', '.join(COMPARE_VARIANTS)})")
-        _check("vanilla" in self.variants, f"{p}.variants", "must include vanilla (the reference row)")
-        _check(self.lora_lr > 0, f"{p}.lora_lr", f"must be > 0, got {self.lora_lr}")
-        _check("full-ce" not in self.variants or "full" in self.variants, f"{p}.variants",
-               "full-ce reuses full's datastore and targets: list full too")
-        _check("joint" not in self.variants or "full" in self.variants, f"{p}.variants",
-               "joint starts from full's fine-tuned LM and memory: list full too")
-
-
-@dataclass
-class ExportConfig:
-    dir: str | None = opt(None, "Folder to write the memory and its model card to (None: <out_dir>/export).")
-    joint: bool = opt(False, "Export the memory trained jointly with its LM (`mlpmem joint`) instead of memory/.")
-    push_to: str | None = opt(None, "Also upload the folder to this Hub repo id (user/name; needs a token).")
-    private: bool = opt(True, "Create the Hub repo private.")
-
-    def validate(self, p: str) -> None:
-        _check(self.push_to is None or self.push_to.count("/") == 1, f"{p}.push_to",
-               f"must be a Hub repo id user/name, got {self.push_to!r}")
-
-
-QA_KINDS = ("number", "name")
-
-
-@dataclass
-class QaConfig:
-    items: int = opt(240, "Items per side: held-in (from train documents: the datastore and memory hold them) and "
-                     "held-out (from test documents: the control).")
-    per_doc: int = opt(2, "At most this many items per document (intervals resample documents).")
-    kinds: list[str] = opt(list(QA_KINDS), "Answer spans: number (years, counts, amounts), name (a capitalised "
-                           "name that does not open its sentence).")
-    min_prompt_words: int = opt(4, "Words the answer's sentence must give before the answer (the cue).")
-    max_new_tokens: int = opt(10, "Greedy tokens generated per item (the prediction is its first n words, n the "
-                              "answer's).")
-    batch_size: int = opt(16, "Items per forward pass.")
-
-    def validate(self, p: str) -> None:
-        for n in ("items", "per_doc", "max_new_tokens", "batch_size"):
-            _check(getattr(self, n) >= 1, f"{p}.{n}", f"must be >= 1, got {getattr(self, n)}")
-        _check(self.min_prompt_words >= 0, f"{p}.min_prompt_words", "must be >= 0")
-        _check(len(self.kinds) > 0 and set(self.kinds) <= set(QA_KINDS), f"{p}.kinds",
-               f"must list some of {', '.join(QA_KINDS)}, got {self.kinds}")
-
-
-SWEEP_EXCLUDED = ("out_dir", "force", "compare", "sweep", "bench", "generate", "export", "qa")
-
-
-@dataclass
-class SweepConfig:
-    points: list[dict] = opt([], "Runs of `mlpmem sweep`, each a mapping of options to change from this config, e.g. "
-                             "[{memory.num_blocks: 2}, {train.epochs: 4}]; {} is the config itself. Each point is a "
-                             "run directory under --out_dir/<sweep.name>/ that links every stage output whose "
-                             "settings and inputs it shares with --out_dir and runs the others, then eval.")
-    eval: dict = opt({"splits": ["validation"], "systems": ["base", "memory"]}, "eval options of every point (what "
-                     "is measured; they never make a stage rerun): by default validation only, since a study "
-                     "chooses on validation.")
-    name: str = opt("sweep", "Sub-directory of --out_dir holding the points, results.json, results.md and plots.")
-
-    def validate(self, p: str) -> None:
-        for point in self.points:
-            for key in point:
-                _check("." in key or key == "seed", f"{p}.points",
-                       f"{key!r}: name options as section.option (e.g. memory.num_blocks)")
-                _check(key.split(".")[0] not in SWEEP_EXCLUDED, f"{p}.points",
-                       f"{key!r}: a point cannot change {key.split('.')[0]}")
-        _check(len({point_name(pt) for pt in self.points}) == len(self.points), f"{p}.points", "lists a point twice")
-        _check(all("." not in k for k in self.eval), f"{p}.eval",
-               "name eval options without the section (splits, not eval.splits)")
-        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), f"{p}.name",
-               f"must be a plain directory name, got {self.name!r}")
 
 
 @dataclass

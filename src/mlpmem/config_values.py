@@ -5,6 +5,7 @@ names. No knowledge of mlpmem's own sections."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import field
 import math
 import types
 import typing
@@ -180,3 +181,16 @@ def flat_options(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = val
     return out
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    """A dataclass field with help text (and optional allowed values) for the CLI."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag}: {msg}")
