@@ -267,3 +267,26 @@ def test_exported_lm_eval_tasks_score_what_the_stage_scores(qa_run):
             # lm-eval's perplexity aggregate is exp(-mean answer log-likelihood)
             assert np.log(got[f"mlpmem_qa_{side}_loglik"]["perplexity,none"]) == pytest.approx(
                 -want["loglik"]["mean"], rel=1e-4)
+
+
+def test_qa_on_a_fine_tuned_run_adds_the_fine_tuned_lm(qa_run, tmp_path):
+    """With --finetune.mode, the base LM is the model as given, the fine-tuned LM is this run's, and the mixtures
+    are over the fine-tuned LM (compared with it, and it with the base LM)."""
+    from helpers import tiny_config
+    from mlpmem.cli import main
+
+    over = {"finetune.mode": "full", "finetune.lr": 1e-3, "finetune.batch_size": 4, "finetune.max_steps": 4,
+            "finetune.warmup_steps": 1, "finetune.eval_every": 2, "finetune.save_every": 2,
+            "finetune.val_windows": 4, "qa.items": 6, "qa.min_prompt_words": 2, "qa.max_new_tokens": 4}
+    cfg = tiny_config(qa_run, "llama", out_dir=str(tmp_path / "ft"), **over)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["pipeline", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert main(["qa", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    res = json.loads((tmp_path / "ft" / "qa" / "results.json").read_text())
+    assert res["systems"] == ["base", "fine-tuned", "knn", "memory", "memory+knn"] and res["lm"] == "fine-tuned"
+    comps = set(res["sides"]["heldin"]["comparisons"])
+    assert {"fine-tuned vs base", "memory vs fine-tuned", "knn vs fine-tuned", "memory vs knn"} <= comps
+    ll = {s: res["sides"]["heldin"]["systems"][s]["loglik"]["mean"] for s in ("base", "fine-tuned")}
+    assert ll["base"] != ll["fine-tuned"]  # two different models answered
+    vanilla = json.loads((qa_run / "run" / "qa" / "results.json").read_text())  # the same model as given
+    assert res["model"]["fingerprint"] != vanilla["model"]["fingerprint"]
