@@ -143,5 +143,12 @@ def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "### Corpus size (test perplexity" in out and "| 400 |" in out and "### Memory size at 400" in out
     assert (scale / "scaling.png").stat().st_size > 0
+    proj = res["projection"]["sizes"]
+    small_rows = {r["datastore_tokens"]: r for r in res["rows"]}[400]["facts"]
+    assert small_rows["targets_rows"] == 400 and small_rows["index_keys"] == 400
+    # linear stages scale with the corpus: 10x the tokens, 10x the extraction and the datastore
+    assert proj["1000000000"]["extract_s"] == pytest.approx(10 * proj["100000000"]["extract_s"])
+    assert proj["1000000000"]["datastore_bytes"] == pytest.approx(10 * proj["100000000"]["datastore_bytes"])
+    assert "### Projection from the throughput measured at" in out
     with pytest.raises(Exception, match="exceeds the"):  # a prefix longer than the extraction
         Datastore(root, limit=n + 1)

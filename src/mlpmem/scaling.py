@@ -147,3 +147,92 @@ def plot_scaling(res: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# ----------------------------------------------------------------------------- projection to larger corpora
+
+def _scan(n: float, nprobe: int = 32) -> float:
+    """Codes an IVF search scans per query with the 'auto' index at n keys: nprobe lists of n / nlist codes."""
+    import math
+
+    from mlpmem.components.index import MAX_NLIST
+
+    nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
+    return nprobe * n / nlist
+
+
+def projection(rows: list[dict], sizes=(1e8, 1e9), nprobe: int = 32) -> dict | None:
+    """Time and storage of each stage at ``sizes`` train tokens, from the throughput measured at the largest
+    corpus-size points (see :func:`projection_table` for the assumptions); None without measurements."""
+    g = scaling_rows(rows)
+    facts = [r["facts"] for r in g["sizes"] if r.get("facts", {}).get("targets_queries_per_s")]
+    if not facts:
+        return None
+    big = max(facts, key=lambda f: f["targets_rows"])
+    ivf = [f for f in facts if (f.get("index_factory") or "").startswith("IVF")]
+    # search seconds per query = a + b * codes scanned, fitted on the IVF points (a: the exact re-rank and the
+    # distribution, constant per query; b: the scan); one point or none: all of it scales with the scan
+    pts = sorted({(_scan(f["targets_rows"], nprobe), 1 / f["targets_queries_per_s"]) for f in ivf})
+    if len(pts) >= 2:
+        import numpy as np
+
+        b, a = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+        a, b = max(a, 0.0), max(b, 0.0)
+    elif pts:
+        a, b = 0.0, pts[0][1] / pts[0][0]
+    else:
+        a, b = 1 / big["targets_queries_per_s"], 0.0
+    key_bytes = big["extract_bytes"] / big["extract_tokens"]
+    code_bytes = (ivf[-1]["index_bytes"] / ivf[-1]["index_keys"]) if ivf else 72.0  # 64-byte codes + 8-byte ids
+    tgt_bytes = big["targets_bytes"] / big["targets_rows"] if big.get("targets_bytes") else None
+    mem = max(g["sizes"], key=lambda r: r["datastore_tokens"])
+    out = {"measured_at": big["targets_rows"], "search_fit": {"a_s": a, "b_s_per_code": b, "points": len(pts)},
+           "memory_bytes": (mem.get("systems_meta", {}).get("memory") or {}).get("storage_bytes"), "sizes": {}}
+    for n in sizes:
+        q_s = a + b * _scan(n, nprobe)
+        out["sizes"][int(n)] = {
+            "extract_s": n / big["extract_tokens_per_s"], "datastore_bytes": n * key_bytes,
+            "index_bytes": n * code_bytes, "targets_s": n * q_s,
+            "targets_bytes": n * tgt_bytes if tgt_bytes else None,
+            "train_s": n * big["train_epochs"] / big["train_tokens_per_s"] if big.get("train_tokens_per_s") else None,
+            "knn_search_ms_per_token": 1e3 * q_s}
+    return out
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    for unit, d in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= d:
+            return f"{s / d:,.1f} {unit}"
+    return f"{s:.0f} s"
+
+
+def _size(b: float | None) -> str:
+    if b is None:
+        return "-"
+    for unit, d in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if b >= d:
+            return f"{b / d:,.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+def projection_table(proj: dict | None) -> str:
+    if not proj:
+        return ""
+    f = proj["search_fit"]
+    lines = [f"### Projection from the throughput measured at {proj['measured_at']:,} tokens (this machine)", "",
+             "| train tokens | extract | datastore (keys + values) | IVFPQ index | kNN targets: time | kNN targets: "
+             "storage | memory training | memory | kNN-LM search per token |", "|---" * 9 + "|"]
+    for n, p in proj["sizes"].items():
+        lines.append(f"| {n:,} | {_dur(p['extract_s'])} | {_size(p['datastore_bytes'])} | "
+                     f"{_size(p['index_bytes'])} | {_dur(p['targets_s'])} | {_size(p['targets_bytes'])} | "
+                     f"{_dur(p['train_s'])} | {_size(proj['memory_bytes'])} | {p['knn_search_ms_per_token']:.1f} ms |")
+    lines += ["", "Assumptions: extraction and memory training linear in tokens at the measured rates (same model, "
+              "same memory, same epochs); datastore and index bytes per token as measured; the 'auto' index "
+              "(nlist ~ 4 sqrt(n), at most 65,536, nprobe 32), so a query scans ~sqrt(n) codes until nlist is "
+              f"capped, then ~n; seconds per query = {f['a_s'] * 1e3:.2f} ms + {f['b_s_per_code'] * 1e9:.2f} ns per "
+              f"code scanned (fitted on {f['points']} IVF point(s)); kNN targets' bytes per position as measured "
+              "(the whole neighbour distribution; --knn.store_ids caps it). Keys beyond RAM would add disk reads "
+              "to the exact re-rank, which this does not model. The memory's size and inference cost do not grow."]
+    return "\n".join(lines)

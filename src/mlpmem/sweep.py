@@ -194,7 +194,8 @@ def collect(cfg: Config) -> dict:
                "best_step": summary.get("best_step"), "best_val_loss": summary.get("best_val_loss"),
                "train_tokens_per_s": summary.get("tokens_per_s"),
                "wall_seconds": _wall_seconds(cfg, point), "splits": res["splits"],
-               "systems_meta": res.get("systems_meta", {}), "datastore_tokens": _datastore_tokens(pcfg)}
+               "systems_meta": res.get("systems_meta", {}), "datastore_tokens": _datastore_tokens(pcfg),
+               "facts": _stage_facts(pcfg)}
         if split in res["splits"]:
             scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
             for system in ("base", "memory", "knn"):
@@ -224,10 +225,29 @@ def collect(cfg: Config) -> dict:
     table = _markdown(rows, split, ref)
     scaling = any("knn.datastore_tokens" in pt for pt in cfg.sweep.points)
     if scaling:
-        from mlpmem.scaling import scaling_table
+        from mlpmem.scaling import projection, projection_table, scaling_table
 
-        table += "\n\n" + scaling_table(rows)
-    return {"split": split, "reference_point": ref, "rows": rows, "table": table, "scaling": scaling}
+        proj = projection(rows)
+        table += "\n\n" + scaling_table(rows) + ("\n\n" + projection_table(proj) if proj else "")
+    return {"split": split, "reference_point": ref, "rows": rows, "table": table, "scaling": scaling,
+            "projection": proj if scaling else None}
+
+
+def _stage_facts(pcfg: Config) -> dict:
+    """Throughput and storage the point's stages recorded in their manifests (for projections to larger corpora)."""
+    from mlpmem.artifacts import INDEX, TARGETS
+
+    ds, ix, tg, mem = (read_manifest(pcfg.run_dir / d) or {} for d in (DATASTORE, INDEX, TARGETS, MEMORY))
+    stats = list((tg.get("stats") or {}).values())
+    rows = sum(st.get("rows", 0) for st in stats)
+    return {"extract_tokens": ds.get("n_positions"), "extract_bytes": ds.get("bytes"),
+            "extract_tokens_per_s": ds.get("tokens_per_s"), "index_factory": ix.get("factory"),
+            "index_keys": ix.get("ntotal"), "index_bytes": ix.get("bytes"), "index_build_s": ix.get("build_seconds"),
+            "index_recall": (ix.get("recall_at_k") or {}).get("recall"), "targets_rows": rows or None,
+            "targets_bytes": tg.get("bytes"),
+            "targets_queries_per_s": rows / sum(st["seconds"] for st in stats) if rows else None,
+            "targets_distinct_ids": sum(st["mean_distinct_ids"] * st["rows"] for st in stats) / rows if rows else None,
+            "train_tokens_per_s": (mem.get("summary") or {}).get("tokens_per_s"), "train_epochs": pcfg.train.epochs}
 
 
 def _datastore_tokens(pcfg: Config) -> int | None:
