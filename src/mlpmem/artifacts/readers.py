@@ -151,6 +151,11 @@ class Datastore:
         return [] if self.limit is None else [self.n]
 
     @property
+    def bytes(self) -> int:
+        """Bytes of the keys and values in use (a prefix's share of the extraction's)."""
+        return int(self.manifest["bytes"] * self.n / self.manifest["n_positions"])
+
+    @property
     def has_validation(self) -> bool:
         return is_complete(self.run_dir / DATASTORE_VAL)
 
@@ -213,14 +218,7 @@ class TargetStore:
 
     @property
     def fingerprint(self) -> str:
-        """The extraction's fingerprint (what downstream manifests record as their upstream)."""
         return self.manifest["fingerprint"]
-
-    @property
-    def scope(self) -> list[int]:
-        """What a stage reading this datastore adds to its fingerprint: [rows] for a prefix, [] for all of it
-        (so runs made before prefixes existed keep their fingerprints)."""
-        return [] if self.limit is None else [self.n]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -280,7 +278,7 @@ class KnnSource:
     def __init__(self, index, ds: "Datastore", im: dict, k: int, exact: bool) -> None:
         self.index, self.keys, self.vals, self.k, self.exact = index, ds.keys, ds.vals, k, exact
         self.meta = {"upstream": {DATASTORE: ds.fingerprint, INDEX: im["fingerprint"]},
-                     "settings": [k, "exact" if exact else "index"], "bytes": ds.manifest["bytes"] + im["bytes"],
+                     "settings": [k, "exact" if exact else "index"], "bytes": ds.bytes + im["bytes"],
                      "factory": im["factory"], "k": k}
 
     def scorer(self, temperatures):
