@@ -139,7 +139,7 @@ def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
     assert (mem / "targets").resolve() == (small / "targets").resolve()
     assert json.loads((mem / "memory" / "manifest.json").read_text())["memory_config"]["num_blocks"] == 2
     res = json.loads((scale / "results.json").read_text())
-    assert res["scaling"] and {r["datastore_tokens"] for r in res["rows"]} == {400, n}
+    assert res["scaling"] and len(res["rows"]) == 3 and {r["datastore_tokens"] for r in res["rows"]} == {400, n}
     out = capsys.readouterr().out
     assert "### Corpus size (test perplexity" in out and "| 400 |" in out and "### Memory size at 400" in out
     assert (scale / "scaling.png").stat().st_size > 0
@@ -152,3 +152,13 @@ def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
     assert "### Projection from the throughput measured at" in out
     with pytest.raises(Exception, match="exceeds the"):  # a prefix longer than the extraction
         Datastore(root, limit=n + 1)
+
+
+def test_sweep_writes_the_finished_points_before_a_later_one_fails(tmp_path):
+    path = _cfg_file(tmp_path)
+    d = yaml.safe_load(path.read_text())
+    d["sweep"] = {"name": "partial", "points": [{"knn.datastore_tokens": 300}, {"knn.datastore_tokens": 10**9}]}
+    path.write_text(yaml.safe_dump(d))
+    assert main(["sweep", "--config", str(path)]) == 2  # the second prefix is longer than the extraction
+    res = json.loads((tmp_path / "run" / "partial" / "results.json").read_text())
+    assert [r["point"] for r in res["rows"]] == ["knn.datastore_tokens=300"]

@@ -96,7 +96,7 @@ def scaling_table(rows: list[dict]) -> str:
         for r in g["memory"]:
             sp = r["splits"][split]["systems"]
             lines.append(f"| {r['memory_blocks']} | {fmt_params(r['memory_params'])} | "
-                         f"{r['memory_params'] / at:.0f} | {sp['memory alone']['ppl']:.3f} | "
+                         f"{r['memory_params'] / at:.0f} | {sp.get('memory alone', {}).get('ppl', float('nan')):.3f} | "
                          f"{_ppl(r, split, 'memory')} | {_ppl(r, split, 'knn')} | "
                          f"{r['wall_seconds'].get('train', '-')} |")
     return "\n".join(lines)

@@ -121,7 +121,6 @@ def run(cfg: Config) -> dict:
     if not cfg.sweep.points:
         raise ConfigError("--sweep.points: list the points to run, e.g. '[{memory.num_blocks: 2}, {train.epochs: 2}]' "
                           "({} is the config itself)")
-    root = cfg.run_dir / cfg.sweep.name
     by_name = {point_name(p): p for p in cfg.sweep.points}
     with rebuilding_stale():
         for i, point in enumerate(cfg.sweep.points, 1):
@@ -140,6 +139,16 @@ def run(cfg: Config) -> dict:
                     continue
                 log.info("=== sweep %d/%d (%s): %s ===", i, len(cfg.sweep.points), name, stage)
                 _run_timed(st, pcfg, output)
+            if i < len(cfg.sweep.points):
+                write_results(cfg)  # the finished points so far, for a long sweep watched while it runs
+    res = write_results(cfg)
+    print(res["table"])
+    return res
+
+
+def write_results(cfg: Config) -> dict:
+    """Collect the finished points and write results.json, results.md and the plots under <out_dir>/<name>/."""
+    root = cfg.run_dir / cfg.sweep.name
     res = collect(cfg)
     atomic_write_json(root / "results.json", res)
     atomic_write_text(root / "results.md", res["table"] + "\n")
@@ -148,7 +157,6 @@ def run(cfg: Config) -> dict:
         from mlpmem.scaling import plot_scaling
 
         plot_scaling(res, root / "scaling.png")
-    print(res["table"])
     return res
 
 
