@@ -199,22 +199,22 @@ def projection(rows: list[dict], sizes=(1e8, 1e9), nprobe: int = 32) -> dict | N
     return out
 
 
-def _dur(s: float | None) -> str:
-    if s is None:
+def _human(x: float | None, units: tuple, smallest: str) -> str:
+    """x in the largest of ``units`` ((name, size), largest first) it reaches, else in ``smallest``."""
+    if x is None:
         return "-"
-    for unit, d in (("days", 86400), ("h", 3600), ("min", 60)):
-        if s >= d:
-            return f"{s / d:,.1f} {unit}"
-    return f"{s:.0f} s"
+    for unit, d in units:
+        if x >= d:
+            return f"{x / d:,.1f} {unit}"
+    return f"{x:.0f} {smallest}"
+
+
+def _dur(s: float | None) -> str:
+    return _human(s, (("days", 86400), ("h", 3600), ("min", 60)), "s")
 
 
 def _size(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit, d in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if b >= d:
-            return f"{b / d:,.1f} {unit}"
-    return f"{b:.0f} B"
+    return _human(b, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)), "B")
 
 
 def projection_table(proj: dict | None) -> str:
