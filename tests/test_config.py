@@ -72,7 +72,7 @@ def test_coercion(key, value, expected):
     ("window.batch_size", 0, "must be >= 1"),
     ("data.validation_fraction", 1.5, "must be in \\[0, 1\\)"),
     ("data.max_eval_tokens", 1, ">= 2"),
-    ("model.dtype", "fp64", "must be one of fp32, bf16, fp16"),
+    ("model.dtype", "fp64", "must be one of auto, fp32, bf16, fp16"),
     ("model.device", "tpu", "use auto, cpu"),
     ("eval.splits", "dev", "unknown split"),
     ("eval.systems", "base,rag", "unknown system"),
@@ -157,3 +157,24 @@ def test_presets_load(preset):
     """Every shipped preset is valid against the current options (a renamed option would break it)."""
     cfg = load_config(Path(__file__).parents[1] / "configs" / f"{preset}.yaml")
     assert cfg.out_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_resolves_to_what_the_device_computes_natively(monkeypatch, native, caplog):
+    """'auto' dtype and train.bf16 null become concrete values at load (so fingerprints and results record what
+    ran): bf16 only where the hardware has it; an explicit choice is kept, with a warning when bf16 is emulated."""
+    import mlpmem.runtime as rt
+
+    monkeypatch.setattr(rt, "native_bf16", lambda device="auto": native)
+    cfg = load_config(None, {})
+    assert cfg.model.dtype == ("bf16" if native else "fp32") and cfg.train.bf16 is native
+    assert load_config(None, {"train.bf16": "null"}).train.bf16 is native
+    with caplog.at_level("WARNING"):
+        kept = load_config(None, {"model.dtype": "bf16", "train.bf16": "true"})
+    assert kept.model.dtype == "bf16" and kept.train.bf16 is True
+    assert ("emulated" in caplog.text) is (not native)
+    assert load_config(None, {"model.dtype": "fp16"}).model.dtype == "fp16"
+    # a config built from a resolved one (a sweep point, a compare variant) keeps the concrete values
+    again = load_config(None, {"model.dtype": cfg.model.dtype, "train.bf16": cfg.train.bf16})
+    assert (again.model.dtype, again.train.bf16) == (cfg.model.dtype, cfg.train.bf16)
+

@@ -8,6 +8,7 @@ Every option is a field with a ``help`` string, so ``mlpmem <stage> --help`` lis
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,9 @@ from mlpmem.errors import ConfigError  # noqa: F401  (re-exported: callers catch
 class ModelConfig:
     name: str = opt("default", "Base LM: 'default' (offline SmolLM2-135M), a hub id, a local directory, or a .gguf file.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
-    dtype: str = opt("bf16", "Weights dtype for inference.", ("fp32", "bf16", "fp16"))
+    dtype: str = opt("auto", "Weights dtype for inference: 'auto' is bf16 where the device computes bf16 natively "
+                     "(a recent GPU, a CPU with AVX512-BF16/AMX), else fp32 (bf16 is emulated, and far slower, on "
+                     "other CPUs).", ("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off: only transformers' own classes).")
 
@@ -221,7 +224,8 @@ class TrainConfig:
     epochs: float = opt(1.0, "Passes over the train positions (fractions allowed).")
     max_steps: int | None = opt(None, "Stop after this many steps (overrides epochs).")
     grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
-    bf16: bool = opt(True, "bf16 autocast for the memory forward/backward.")
+    bf16: bool | None = opt(None, "bf16 autocast for the memory forward/backward (null: on where the device computes "
+                            "bf16 natively, as --model.dtype auto).")
     eval_every: int = opt(200, "Steps between validation passes (checkpoint selection by validation loss).")
     save_every: int = opt(200, "Steps between resumable checkpoints.")
     val_positions: int = opt(20000, "Validation positions scored per validation pass.")
@@ -330,6 +334,26 @@ class Config:
 
     def __post_init__(self) -> None:
         self.validate()
+        self._resolve_precision()
+
+    def _resolve_precision(self) -> None:
+        """Turn 'auto' precisions into the concrete ones for this machine, so that fingerprints, manifests and
+        results record what ran; warn when bf16 is asked for where it is emulated."""
+        auto = self.model.dtype == "auto" or self.train.bf16 is None
+        wants_bf16 = self.model.dtype == "bf16" or self.train.bf16 is True
+        if not (auto or wants_bf16):
+            return
+        from mlpmem.runtime import native_bf16
+
+        native = native_bf16(self.model.device)
+        if self.model.dtype == "auto":
+            self.model.dtype = "bf16" if native else "fp32"
+        if self.train.bf16 is None:
+            self.train.bf16 = native
+        if wants_bf16 and not native:
+            logging.getLogger(__name__).warning(
+                "bf16 was asked for (--model.dtype bf16 or --train.bf16 true) but this device has no native bf16: "
+                "it is emulated and runs many times slower than fp32. Use --model.dtype auto and --train.bf16 null.")
 
     def validate(self) -> None:
         _check(bool(self.out_dir), "out_dir", "must not be empty")

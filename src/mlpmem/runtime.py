@@ -103,6 +103,19 @@ def fault_point(name: str) -> None:
 _fault_counts: dict[str, int] = {}
 
 
+def native_bf16(device: str = "auto") -> bool:
+    """Whether ``device`` ('auto', 'cpu', 'cuda', 'cuda:N') computes bf16 in hardware: a CUDA GPU that supports it,
+    or a CPU with AVX512-BF16 / AMX (oneDNN's own check). Elsewhere torch emulates bf16, and on an AVX2 CPU a bf16
+    matmul runs some 60x slower than fp32: bf16 is then the wrong default however much memory it saves."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume emulation
+        return False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

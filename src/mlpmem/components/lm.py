@@ -12,6 +12,7 @@ import torch
 from mlpmem.config import ModelConfig
 from mlpmem.errors import ConfigError, ModelLoadError
 from mlpmem.files import atomic_write_json, file_sha256, fingerprint, read_json
+from mlpmem.runtime import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +168,16 @@ def load_lm(mcfg: ModelConfig) -> LoadedLM:
 
     src, kw = model_source(mcfg)
     device = resolve_device(mcfg.device)
+    dtype = mcfg.dtype if mcfg.dtype != "auto" else ("bf16" if native_bf16(str(device)) else "fp32")
     tok = load_tokenizer(mcfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=DTYPES[mcfg.dtype], trust_remote_code=mcfg.trust_remote_code, **kw)
+            src, dtype=DTYPES[dtype], trust_remote_code=mcfg.trust_remote_code, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"--model.name {mcfg.name}: could not load the model ({str(e).splitlines()[0]}). "
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
     model.to(device).eval().requires_grad_(False)
     ident = model_identity(mcfg, model, tok, weights_digest(src, kw, model))
     log.info("loaded %s (%s, %.1fM params, %s on %s)", ident["name"], ident["model_type"],
-             ident["n_params"] / 1e6, mcfg.dtype, device)
+             ident["n_params"] / 1e6, dtype, device)
     return LoadedLM(model=model, tokenizer=tok, identity=ident, device=device)
