@@ -125,7 +125,8 @@ def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
     d = yaml.safe_load(path.read_text())
     d["sweep"] = {"name": "scale", "eval": {"splits": ["validation", "test"],
                                            "systems": ["base", "knn", "memory", "memory+knn"]},
-                  "points": [{"knn.datastore_tokens": 400}, {}, {"knn.datastore_tokens": 400, "memory.num_blocks": 2}]}
+                  "points": [{"knn.datastore_tokens": 400}, {}, {"knn.datastore_tokens": 400, "memory.num_blocks": 2},
+                             {"data.max_train_tokens": 400, "finetune.mode": "full", "eval.systems": ["base"]}]}
     path.write_text(yaml.safe_dump(d))
     assert main(["sweep", "--config", str(path)]) == 0
     root, scale = tmp_path / "run", tmp_path / "run" / "scale"
@@ -139,7 +140,16 @@ def test_scaling_sweep_uses_prefixes_of_one_extraction(tmp_path, capsys):
     assert (mem / "targets").resolve() == (small / "targets").resolve()
     assert json.loads((mem / "memory" / "manifest.json").read_text())["memory_config"]["num_blocks"] == 2
     res = json.loads((scale / "results.json").read_text())
-    assert res["scaling"] and len(res["rows"]) == 3 and {r["datastore_tokens"] for r in res["rows"]} == {400, n}
+    assert res["scaling"] and len(res["rows"]) == 4
+    assert {r["datastore_tokens"] for r in res["rows"]} == {400, n, None}
+    ft = [r for r in res["rows"] if r["options"].get("finetune.mode") == "full"][0]
+    assert ft["train_epochs"] is None and ft["memory_params"] is None  # it trains no memory: no epochs shown
+    assert f"| {ft['point']} | - | - |" in res["table"]
+    # the fine-tuned LM against the base LM on the same test tokens: a paired interval around its own change
+    ci = ft["finetuned_vs_base_lm"]
+    base_ppl = {r["datastore_tokens"]: r for r in res["rows"]}[400]["splits"]["test"]["systems"]["base"]["ppl"]
+    assert ci["change"] == pytest.approx(ft["splits"]["test"]["systems"]["base"]["ppl"] / base_ppl - 1, rel=1e-6)
+    assert ci["ci95"][0] <= ci["change"] <= ci["ci95"][1]
     out = capsys.readouterr().out
     assert "### Corpus size (test perplexity" in out and "| 400 |" in out and "### Memory size at 400" in out
     assert (scale / "scaling.png").stat().st_size > 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 SIZE = "knn.datastore_tokens"
 SYSTEMS = (("knn", "kNN-LM"), ("memory", "memory"), ("memory+knn", "memory + kNN-LM"))
 
@@ -41,13 +43,51 @@ def scaling_rows(rows: list[dict]) -> dict:
     return {"split": split, "sizes": sizes, "finetuned": {k: v for k, v in ft.items() if k}, "memory": mem}
 
 
+def finetuned_vs_base(cfg, rows: list[dict]) -> None:
+    """Set ``finetuned_vs_base_lm`` on each fine-tuned LM's row: the paired bootstrap change of its perplexity
+    against the base LM on the scaling split, the base LM's scores taken from a corpus-size point (the same text
+    and model; a fine-tuned point evaluates its own LM alone)."""
+    from mlpmem.artifacts import load_eval_results, load_eval_scores, load_offsets
+    from mlpmem.components.tuning import bootstrap_changes, doc_ids_of
+    from mlpmem.config import point_name
+    from mlpmem.sweep import point_config
+
+    split = _split(rows) if rows else "test"
+    g = scaling_rows(rows)
+    base_from = next((r for r in g["sizes"] if "base" in r["splits"].get(split, {}).get("systems", {})), None)
+    if not g["finetuned"] or base_from is None:
+        return
+    points = {point_name(p): p for p in cfg.sweep.points}
+
+    def gold(name: str) -> tuple[np.ndarray, object]:
+        pcfg = point_config(cfg, points[name])
+        scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
+        return np.asarray(scored.lm, dtype=np.float64), (pcfg, scored.n)
+
+    base_lp, (bcfg, n) = gold(base_from["point"])
+    docs = doc_ids_of(load_offsets(bcfg.run_dir, split), n)
+    for r in g["finetuned"].values():
+        pcfg = point_config(cfg, points[r["point"]])
+        if split not in ((load_eval_results(pcfg.run_dir, pcfg.eval.out_name) or {}).get("splits") or {}):
+            continue
+        lp, _ = gold(r["point"])
+        if len(lp) != len(base_lp):
+            raise ValueError(f"{r['point']} scored {len(lp)} {split} tokens, the base LM {len(base_lp)}: not the "
+                             "same text")
+        pair = ("finetuned", "base")
+        r["finetuned_vs_base_lm"] = bootstrap_changes({"finetuned": lp, "base": base_lp}, docs, [pair],
+                                                      seed=cfg.seed)[pair]
+
+
 def _ppl(r: dict, split: str, system: str) -> str:
     s = r["splits"].get(split, {}).get("systems", {}).get(system)
     if not s:
         return "-"
-    ci = s.get("vs_base")
-    return f"{s['ppl']:.3f}" + (f" ({100 * ci['change']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, "
-                                f"{100 * ci['ci95'][1]:+.1f}])" if ci else "")
+    return f"{s['ppl']:.3f}" + _change(s.get("vs_base"))
+
+
+def _change(ci: dict | None) -> str:
+    return f" ({100 * ci['change']:+.1f}% [{100 * ci['ci95'][0]:+.1f}, {100 * ci['ci95'][1]:+.1f}])" if ci else ""
 
 
 def _mb(x) -> str:
@@ -61,7 +101,7 @@ def _fine_tuned(g: dict, tokens: int, split: str) -> str:
         return "-"
     r = g["finetuned"][near[0]]
     s = r["splits"].get(split, {}).get("systems", {}).get("base")
-    return f"{s['ppl']:.3f}" if s else "-"
+    return f"{s['ppl']:.3f}" + _change(r.get("finetuned_vs_base_lm")) if s else "-"
 
 
 def scaling_table(rows: list[dict]) -> str:
@@ -174,8 +214,6 @@ def projection(rows: list[dict], sizes=(1e8, 1e9), nprobe: int = 32) -> dict | N
     # distribution, constant per query; b: the scan); one point or none: all of it scales with the scan
     pts = sorted({(_scan(f["targets_rows"], nprobe), 1 / f["targets_queries_per_s"]) for f in ivf})
     if len(pts) >= 2:
-        import numpy as np
-
         b, a = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
         fits = [(max(a, 0.0), max(b, 0.0))]
     else:  # one point cannot separate the two: a range, from all-constant to all-scan

@@ -198,7 +198,7 @@ def collect(cfg: Config) -> dict:
                "ppl": {s: {k: v["ppl"] for k, v in entry["systems"].items()} for s, entry in res["splits"].items()},
                "memory_params": mem_m.get("params"), "memory_bytes": mem_m.get("bytes"),
                "memory_blocks": (mem_m.get("memory_config") or {}).get("num_blocks"),
-               "train_epochs": pcfg.train.epochs, "train_steps": summary.get("steps"),
+               "train_epochs": pcfg.train.epochs if mem_m else None, "train_steps": summary.get("steps"),
                "best_step": summary.get("best_step"), "best_val_loss": summary.get("best_val_loss"),
                "train_tokens_per_s": summary.get("tokens_per_s"),
                "wall_seconds": _wall_seconds(cfg, point), "splits": res["splits"],
@@ -233,7 +233,9 @@ def collect(cfg: Config) -> dict:
     table = _markdown(rows, split, ref)
     scaling = any("knn.datastore_tokens" in pt for pt in cfg.sweep.points)
     if scaling:
-        from mlpmem.scaling import projection, projection_table, scaling_table
+        from mlpmem.scaling import finetuned_vs_base, projection, projection_table, scaling_table
+
+        finetuned_vs_base(cfg, rows)
 
         proj = projection(rows)
         table += "\n\n" + scaling_table(rows) + ("\n\n" + projection_table(proj) if proj else "")
@@ -287,7 +289,8 @@ def _markdown(rows: list[dict], split: str, ref: str | None) -> str:
         mix = f"{p['memory']:.3f} ({st.get('lam', nan):.2f}, {st.get('T_mem', nan):g}){edge}" if "memory" in p else "-"
         alone = f"{p['memory alone']:.3f}" if "memory alone" in p else "-"
         params = fmt_params(r["memory_params"]) if r["memory_params"] else "-"
-        lines.append(f"| {r['point']} | {params} | {r['train_epochs']:g} ({r['train_steps'] or '-'}) | "
+        epochs = f"{r['train_epochs']:g} ({r['train_steps'] or '-'})" if r["train_epochs"] is not None else "-"
+        lines.append(f"| {r['point']} | {params} | {epochs} | "
                      f"{p.get('base', nan):.3f} | {alone} | {mix} | {_ci(r.get('memory_vs_base_lm'))} | "
                      f"{_ci(r.get('memory_vs_base_point'))} | {r['wall_seconds'].get('train', '-')} |")
     lines += ["", f"Settings tuned on validation per point; intervals: paired bootstrap over the documents of {split}."]
