@@ -59,18 +59,17 @@ def finetuned_vs_base(cfg, rows: list[dict]) -> None:
         return
     points = {point_name(p): p for p in cfg.sweep.points}
 
-    def gold(name: str) -> tuple[np.ndarray, object]:
+    def gold(name: str):  # (the point's config, its split's log p(gold) under its own LM)
         pcfg = point_config(cfg, points[name])
-        scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
-        return np.asarray(scored.lm, dtype=np.float64), (pcfg, scored.n)
+        return pcfg, np.asarray(load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split).lm, dtype=np.float64)
 
-    base_lp, (bcfg, n) = gold(base_from["point"])
-    docs = doc_ids_of(load_offsets(bcfg.run_dir, split), n)
+    bcfg, base_lp = gold(base_from["point"])
+    docs = doc_ids_of(load_offsets(bcfg.run_dir, split), len(base_lp))
     for r in g["finetuned"].values():
         pcfg = point_config(cfg, points[r["point"]])
         if split not in ((load_eval_results(pcfg.run_dir, pcfg.eval.out_name) or {}).get("splits") or {}):
             continue
-        lp, _ = gold(r["point"])
+        _, lp = gold(r["point"])
         if len(lp) != len(base_lp):
             raise ValueError(f"{r['point']} scored {len(lp)} {split} tokens, the base LM {len(base_lp)}: not the "
                              "same text")
