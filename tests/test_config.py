@@ -177,4 +177,3 @@ def test_auto_precision_resolves_to_what_the_device_computes_natively(monkeypatc
     # a config built from a resolved one (a sweep point, a compare variant) keeps the concrete values
     again = load_config(None, {"model.dtype": cfg.model.dtype, "train.bf16": cfg.train.bf16})
     assert (again.model.dtype, again.train.bf16) == (cfg.model.dtype, cfg.train.bf16)
-

@@ -343,11 +343,10 @@ class Config:
         wants_bf16 = self.model.dtype == "bf16" or self.train.bf16 is True
         if not (auto or wants_bf16):
             return
-        from mlpmem.runtime import native_bf16
+        from mlpmem.runtime import native_bf16, resolve_dtype
 
         native = native_bf16(self.model.device)
-        if self.model.dtype == "auto":
-            self.model.dtype = "bf16" if native else "fp32"
+        self.model.dtype = resolve_dtype(self.model.dtype, self.model.device)
         if self.train.bf16 is None:
             self.train.bf16 = native
         if wants_bf16 and not native:

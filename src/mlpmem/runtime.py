@@ -116,6 +116,13 @@ def native_bf16(device: str = "auto") -> bool:
         return False
 
 
+def resolve_dtype(dtype: str, device: str = "auto") -> str:
+    """A concrete weights dtype: 'auto' is bf16 where ``device`` computes it natively, else fp32."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

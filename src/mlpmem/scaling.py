@@ -47,7 +47,7 @@ def finetuned_vs_base(cfg, rows: list[dict]) -> None:
     """Set ``finetuned_vs_base_lm`` on each fine-tuned LM's row: the paired bootstrap change of its perplexity
     against the base LM on the scaling split, the base LM's scores taken from a corpus-size point (the same text
     and model; a fine-tuned point evaluates its own LM alone)."""
-    from mlpmem.artifacts import load_eval_results, load_eval_scores, load_offsets
+    from mlpmem.artifacts import load_eval_scores, load_offsets
     from mlpmem.components.tuning import bootstrap_changes, doc_ids_of
     from mlpmem.config import point_name
     from mlpmem.sweep import point_config
@@ -66,8 +66,7 @@ def finetuned_vs_base(cfg, rows: list[dict]) -> None:
     bcfg, base_lp = gold(base_from["point"])
     docs = doc_ids_of(load_offsets(bcfg.run_dir, split), len(base_lp))
     for r in g["finetuned"].values():
-        pcfg = point_config(cfg, points[r["point"]])
-        if split not in ((load_eval_results(pcfg.run_dir, pcfg.eval.out_name) or {}).get("splits") or {}):
+        if split not in r["splits"]:
             continue
         _, lp = gold(r["point"])
         if len(lp) != len(base_lp):

@@ -12,7 +12,7 @@ import torch
 from mlpmem.config import ModelConfig
 from mlpmem.errors import ConfigError, ModelLoadError
 from mlpmem.files import atomic_write_json, file_sha256, fingerprint, read_json
-from mlpmem.runtime import native_bf16
+from mlpmem.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def load_lm(mcfg: ModelConfig) -> LoadedLM:
 
     src, kw = model_source(mcfg)
     device = resolve_device(mcfg.device)
-    dtype = mcfg.dtype if mcfg.dtype != "auto" else ("bf16" if native_bf16(str(device)) else "fp32")
+    dtype = resolve_dtype(mcfg.dtype, str(device))
     tok = load_tokenizer(mcfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
