@@ -289,3 +289,69 @@ def test_tokenizer_hash_sees_the_vocab_not_the_padding_state():
     a.pad_token = a.eos_token
     a(["short", "a much longer text than that"], padding="max_length", truncation=True, max_length=4)
     assert tokenizer_hash(a) == h  # calling with padding/truncation must not look like another tokenizer
+
+
+# ----------------------------------------------------------------------------- text values that are not strings
+
+BAD_VALUES = [None, 12345, 1.5, True, ["a", "b"], {"a": 1}]
+
+
+@pytest.mark.parametrize("value", BAD_VALUES)
+def test_jsonl_non_string_text_is_refused_naming_the_line(tmp_path, value):
+    """str() would make documents like "None" or "['a', 'b']" and exit 0; the record is refused by path:line."""
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in ["alpha", "", value, "gamma"]) + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=rf"{f.name}:3: 'text' is .*not a string.*--data.skip_bad_records"):
+        read_corpus(DataConfig(source=str(f)))
+    g = tmp_path / "d.json"  # a JSON array: the item's index
+    g.write_text(json.dumps([{"text": "one"}, {"text": value}]), encoding="utf-8")
+    with pytest.raises(CorpusError, match=rf"{g.name} item 1: 'text' is"):
+        read_corpus(DataConfig(source=str(g)))
+
+
+def test_skip_bad_records_skips_and_counts(tmp_path, caplog):
+    f = tmp_path / "c.jsonl"
+    recs = ["alpha", None, "", 7, ["x"], "gamma"]
+    f.write_text("\n".join(json.dumps({"text": t}) for t in recs) + "\n", encoding="utf-8")
+    report = {}
+    with caplog.at_level("WARNING"):
+        docs = read_corpus(DataConfig(source=str(f), skip_bad_records=True), report)["all"]
+    assert docs == ["alpha", "", "gamma"]  # empty strings are kept here and dropped by assign_splits, as before
+    assert report == {"skipped_records": 3}
+    assert "skipped 3 record" in caplog.text and f"{f.name}:2" in caplog.text
+    assert load_config(None, {"data.skip_bad_records": "true"}).data.skip_bad_records is True
+
+
+def test_hf_non_string_text_is_refused_naming_split_and_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = make_texts(6, seed=5)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:4] + [None]}),
+                          "test": datasets.Dataset.from_dict({"text": texts[4:]})}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(CorpusError, match=r"split 'train' row 4: 'text' is null"):
+        read_corpus(DataConfig(source=f"hf:{tmp_path / 'ds'}"))
+    report = {}
+    out = read_corpus(DataConfig(source=f"hf:{tmp_path / 'ds'}", skip_bad_records=True), report)
+    assert out["train"] == texts[:4] and report == {"skipped_records": 1}
+    # a column that is not text at all (--data.text_field names the wrong one): refused at its first row
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(6))}).save_to_disk(str(tmp_path / "nums"))
+    with pytest.raises(CorpusError, match=r"split 'all' row 0: 'n' is a number 0"):
+        read_corpus(DataConfig(source=f"hf:{tmp_path / 'nums'}", text_field="n"))
+
+
+def test_prepare_cli_refuses_bad_records_and_counts_skipped(tmp_path, capsys):
+    from helpers import make_model_dir
+    from mlpmem.cli import main
+
+    texts = make_texts(30, seed=12)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in texts[:10] + [None] + texts[10:]) + "\n",
+                      encoding="utf-8")
+    flags = ["--out_dir", str(tmp_path / "run"), "--model.name", str(make_model_dir(tmp_path / "m", texts=texts)),
+             "--data.source", str(corpus), "--data.validation_fraction", "0.2", "--data.test_fraction", "0.2"]
+    assert main(["prepare"] + flags) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mlpmem ")]
+    assert len(err) == 1 and f"{corpus}:11" in err[0] and "null" in err[0], err
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+    assert main(["prepare"] + flags + ["--data.skip_bad_records", "true"]) == 0
+    m = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert m["skipped_records"] == 1 and sum(c["documents"] for c in m["counts"].values()) == len(texts)

@@ -100,6 +100,12 @@ def test_eval_refuses_a_memory_with_non_finite_weights(run, capsys):
     name = next(iter(state))
     state[name] = np.full_like(state[name], np.nan)
     save_file(state, str(weights))
+    # as if training itself had written them: the manifest vouches for these weights (else it refuses a change)
+    from mlpmem.files import file_listing
+
+    man = tmp / "run" / "memory" / "manifest.json"
+    m = json.loads(man.read_text())
+    man.write_text(json.dumps({**m, "files": file_listing(man.parent, lambda p: p == man)}))
     assert main(["eval", "--config", cfg, "--force"]) == 2
     assert "non-finite weights" in _one_line_error(capsys, "eval")
 
@@ -206,3 +212,140 @@ def test_third_party_loggers_stay_quiet(run):
     assert r.returncode == 0, r.stderr
     assert "loader" not in r.stderr and "Could not load library" not in r.stderr, r.stderr
     assert "index: up to date" in r.stderr  # mlpmem's own INFO lines still show
+
+
+# ----------------------------------------------------------------------------- a writer replaces only what it made
+
+def _tree(d):
+    """{relative path: bytes} of every file under d (symlinks as their target), to show nothing was touched."""
+    return {p.relative_to(d).as_posix(): (p.read_bytes() if p.is_file() else str(p.readlink()))
+            for p in sorted(d.rglob("*")) if (p.is_file() or p.is_symlink()) and p.name != ".lock"}
+
+
+def test_export_never_replaces_what_it_did_not_write(run, capsys):
+    tmp, cfg = run
+    user_dir = tmp / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("keep me")
+    user_file = tmp / "file.bin"
+    user_file.write_bytes(b"keep me too")
+    before = _tree(tmp / "run")
+    for dest, why in ((user_dir, "a non-empty directory"), (user_file, "a file"), (tmp / "run", "non-empty"),
+                      (tmp / "run" / "memory" / "best", "holds train output"),
+                      (tmp / "run" / "eval" / "new", "holds eval output")):
+        assert main(["export", "--config", cfg, "--export.dir", str(dest)]) == 2, dest
+        line = _one_line_error(capsys, "export")
+        assert "--export.dir" in line and why in line, line
+    assert (user_dir / "notes.txt").read_text() == "keep me" and [p.name for p in user_dir.iterdir()] == ["notes.txt"]
+    assert user_file.read_bytes() == b"keep me too" and not user_file.is_symlink()
+    assert _tree(tmp / "run") == before
+    # what export made itself it replaces (twice into the same folder), and an empty folder it may take
+    (tmp / "empty").mkdir()
+    for dest in (tmp / "exported", tmp / "exported", tmp / "empty"):
+        assert main(["export", "--config", cfg, "--export.dir", str(dest)]) == 0
+        assert (dest / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("--eval.out_name", "memory"), ("--eval.out_name", "data"),
+                                         ("--eval.out_name", ".lock"), ("--sweep.name", "eval"),
+                                         ("--sweep.name", "memory")])
+def test_output_names_cannot_take_another_stages_directory(tmp_path, capsys, flag, value):
+    stage = "eval" if flag.startswith("--eval") else "sweep"
+    assert main([stage, "--out_dir", str(tmp_path / "run"), flag, value]) == 2
+    assert flag in _one_line_error(capsys, stage)
+    assert not (tmp_path / "run").exists()
+
+
+def test_reserved_names_cover_every_stage_and_command_output():
+    from mlpmem.compare import VARIANTS
+    from mlpmem.config_values import RUN_DIR_NAMES
+    from mlpmem.stages import COMMANDS
+
+    outputs = {s.output for s in COMMANDS.values() if s.output} - {"eval"}
+    assert outputs | set(VARIANTS) | {"export", "bench", "compare"} <= set(RUN_DIR_NAMES)
+
+
+def test_a_directory_is_written_only_by_its_own_kind_even_with_force(run, capsys):
+    """Past the name check (a directory made by another stage under any name): eval refuses the memory's directory,
+    --force included, and leaves its manifest alone; the message names the right owner and flag."""
+    from mlpmem.artifacts.manifest import should_skip
+    from mlpmem.errors import StageError
+
+    tmp, _ = run
+    mem = tmp / "run" / "memory"
+    before = (mem / "manifest.json").read_bytes()
+    for force in (False, True):
+        with pytest.raises(StageError, match=r"holds train output .* choose another --eval.out_name"):
+            should_skip(mem, "eval", "fp", force)
+    assert (mem / "manifest.json").read_bytes() == before
+    with pytest.raises(StageError, match="holds eval output .* --sweep.name"):
+        from mlpmem.artifacts import claim
+
+        claim(tmp / "run" / "eval", "sweep")
+
+
+# ----------------------------------------------------------------------------- manifests vouch for their files
+
+def _flip_a_weight_byte(path):
+    """Change one byte of a tensor's data (past the safetensors header), keeping the size."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 100] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_changed_memory_weights_are_refused_by_every_reader(tmp_path, capsys):
+    """(Its own run, not a copy: in a copy the model's path, which the memory records, differs, so `train` there
+    would be "other settings".)"""
+    tmp, cfg = tmp_path, _cfg_file(tmp_path)
+    assert main(["pipeline", "--config", cfg]) == 0
+    weights = tmp / "run" / "memory" / "best" / "model.safetensors"
+    results = (tmp / "run" / "eval" / "results.json").read_bytes()
+    _flip_a_weight_byte(weights)
+    for argv in (["eval"], ["eval", "--force"], ["export"], ["generate"]):
+        assert main([*argv, "--config", cfg]) == 2, argv
+        line = _one_line_error(capsys, argv[0])
+        assert "memory is damaged: best/model.safetensors was modified" in line and "`mlpmem train`" in line, line
+    assert (tmp / "run" / "eval" / "results.json").read_bytes() == results  # nothing rewritten from bad weights
+    assert not (tmp / "run" / "export").exists()
+    # the rerun the message names rebuilds the memory (the manifest no longer vouches for it), then eval runs
+    assert main(["train", "--config", cfg]) == 0
+    assert "train: best/model.safetensors was modified" in capsys.readouterr().err
+    assert main(["eval", "--config", cfg]) == 0
+
+
+@pytest.mark.parametrize("stage, rel", [("index", "index/index.faiss"), ("eval", "eval/results.json"),
+                                        ("knn-targets", "targets/ids-00000-of-00001.npy")])
+def test_up_to_date_needs_the_files_the_manifest_lists(run, capsys, stage, rel):
+    tmp, cfg = run
+    path = tmp / "run" / rel
+    if not path.exists():  # the shard naming of this run
+        path = sorted(path.parent.glob(path.name.split("-")[0] + "-*"))[0]
+    def content():  # what must come back (eval's results also record timings and whether a grid was widened)
+        if path.suffix != ".json":
+            return path.read_bytes()
+        return {s: {k: v["ppl"] for k, v in e["systems"].items()} for s, e in json.loads(path.read_text())["splits"].items()}
+
+    before, data = content(), path.read_bytes()
+    path.unlink()
+    assert main([stage, "--config", cfg]) == 0
+    err = capsys.readouterr().err
+    assert "is missing" in err and "rebuilding it" in err, err
+    assert content() == before  # rebuilt, the same
+    # and a truncated file is not whole either
+    path.write_bytes(data[:-8])
+    assert main([stage, "--config", cfg]) == 0
+    assert content() == before
+    assert main(["export", "--config", cfg]) == 0
+
+
+def test_eval_and_sweep_never_write_into_a_users_directory(run, capsys):
+    tmp, cfg = run
+    mine = tmp / "run" / "notes"
+    mine.mkdir()
+    (mine / "results.json").write_text("mine")
+    assert main(["eval", "--config", cfg, "--eval.out_name", "notes"]) == 2
+    assert "mlpmem did not write" in _one_line_error(capsys, "eval")
+    assert main(["sweep", "--config", cfg, "--sweep.name", "notes", "--sweep.points", "[{}]"]) == 2
+    assert "--sweep.name" in _one_line_error(capsys, "sweep")
+    assert [p.name for p in mine.iterdir()] == ["results.json"] and (mine / "results.json").read_text() == "mine"

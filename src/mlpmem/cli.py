@@ -12,7 +12,7 @@ import sys
 import typing
 
 from mlpmem.config import Config, iter_options, load_config
-from mlpmem.errors import UserError
+from mlpmem.errors import DiskSpaceError, UserError
 from mlpmem.stages import COMMANDS
 
 TOP_LEVEL = ["out_dir", "seed", "threads", "force"]
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.verbose)
     overrides = {k: v for k, v in vars(args).items() if k not in ("stage", "config", "verbose", "version")}
+    cfg = None
     try:
         cfg = load_config(args.config, overrides)
         set_threads(cfg.threads)
@@ -82,12 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, cfg)
     except UserError as e:  # the user's to fix: one line that says how
         return _fail(args, e, 2)
-    except OSError as e:  # the machine's: full disk, permissions, ...
-        return _fail(args, e, 1, _os_error(e))
+    except DiskSpaceError as e:  # the machine's, with its own one line (path, free space, what a rerun does)
+        return _fail(args, e, 1)
+    except OSError as e:  # the machine's: full disk, permissions, ... (numpy's short write has no errno)
+        return _fail(args, e, 1, _os_error(e if e.errno is not None else _disk_full(e, cfg) or e))
     except KeyboardInterrupt:
-        print(f"mlpmem {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+        # --force deleted the old outputs when this run started; a rerun with it would delete this run's work too
+        then = ("rerun without --force to resume where it stopped (with --force it starts over)"
+                if cfg is not None and cfg.force else "rerun the same command to resume")
+        print(f"mlpmem {args.stage}: interrupted; {then}", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug in mlpmem
+    except Exception as e:
+        disk = _disk_full(e, cfg)
+        if disk is not None:  # a writer that wrapped the full disk's OSError (torch.save's RuntimeError, ...)
+            return _fail(args, e, 1, _os_error(disk))
         return _fail(args, e, 1, f"internal error ({type(e).__name__}: {_first_line(e)}); this is a bug in "
                                  "mlpmem: rerun with -v for the traceback and report it")
     return 0
@@ -96,6 +105,25 @@ def main(argv: list[str] | None = None) -> int:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+def _disk_full(e: BaseException, cfg: Config | None) -> OSError | None:
+    """The last resort before calling ``e`` a bug: an OSError for a full disk (or quota, or file-size limit) when one
+    is in ``e``'s chain, or when the run directory's disk refuses a probe write now; else None."""
+    from mlpmem.disk import disk_full_errno, disk_refuses
+
+    code = disk_full_errno(e)
+    if code is None and cfg is not None and cfg.run_dir.is_dir():
+        code = disk_refuses(cfg.run_dir)
+    if code is None:
+        return None
+    found, seen = e, set()
+    while found is not None and id(found) not in seen:  # the chain's own OSError, for its file name
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno == code:
+            return found
+        found = found.__cause__ or found.__context__
+    return OSError(code, errno.errorcode.get(code, "disk full"))
 
 
 def _os_error(e: OSError) -> str:

@@ -23,12 +23,13 @@ import logging
 import time
 from pathlib import Path
 
-from mlpmem.artifacts import (DATA, FINETUNE, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
+from mlpmem.artifacts import (DATA, FINETUNE, claim, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
                               read_manifest)
 from mlpmem.components.report import fmt_params
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config
-from mlpmem.files import atomic_write_json, atomic_write_text, human_bytes
+from mlpmem.disk import human_bytes
+from mlpmem.files import atomic_write_json, atomic_write_text
 from mlpmem.pipeline import joint_eval_config
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def run(cfg: Config) -> dict:
     from mlpmem.stages import STAGES
 
     timings: dict[str, dict[str, float]] = {}
+    claim(cfg.run_dir / "compare", "compare")
     for name in cfg.compare.variants:
         vcfg = variant_config(cfg, name)
         _, src, shared, stages = VARIANTS[name]

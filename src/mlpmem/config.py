@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mlpmem.config_values import build, opt, point_name, read_yaml, set_dotted  # noqa: F401
+from mlpmem.config_values import RUN_DIR_NAMES, build, opt, point_name, read_yaml, set_dotted  # noqa: F401
 from mlpmem.config_values import check as _check
 from mlpmem.config_commands import (COMPARE_VARIANTS, QA_KINDS, SWEEP_EXCLUDED, BenchConfig,  # noqa: F401
                                     CompareConfig, ExportConfig, QaConfig, SweepConfig)
@@ -44,6 +44,9 @@ class DataConfig:
     source: str = opt("default", "Corpus: 'default' (offline Wikipedia leads), a .txt/.jsonl file or a directory of "
                       "them, or 'hf:NAME[:CONFIG]' for a Hugging Face dataset (local save_to_disk dirs work too).")
     text_field: str = opt("text", "Field holding the text in JSONL records and HF datasets.")
+    skip_bad_records: bool = opt(False, "JSONL/JSON records and HF dataset rows whose text field is not a string "
+                                 "(null, a number, a list, an object): false refuses the corpus naming the first; "
+                                 "true skips them and logs how many (the prepare manifest counts them).")
     doc_per: str = opt("auto", "Plain-text files: one document per 'line' or per 'file' ('auto': per file in a "
                        "directory, per line for a single file).", ("auto", "line", "file"))
     separator: str = opt("auto", "Between documents: 'auto' (<|endoftext|> if in the vocab, else EOS), 'none' "
@@ -272,8 +275,10 @@ class EvalConfig:
         for n in ("splits", "systems", "lambdas", "knn_temperatures", "memory_temperatures"):
             _check(len(getattr(self, n)) > 0, f"{p}.{n}", "must list at least one value")
         _check(self.knn_k is None or self.knn_k >= 1, f"{p}.knn_k", f"must be >= 1 or null, got {self.knn_k}")
-        _check(bool(self.out_name) and "/" not in self.out_name and self.out_name not in (".", ".."),
+        _check(bool(self.out_name) and "/" not in self.out_name and not self.out_name.startswith("."),
                f"{p}.out_name", f"must be a plain directory name, got {self.out_name!r}")
+        _check(self.out_name not in RUN_DIR_NAMES, f"{p}.out_name", f"{self.out_name!r} is where another stage or "
+               "command writes in the run directory; name eval's output otherwise, e.g. eval-test")
         for s in self.splits:
             _check(s in ("train", "validation", "test"), f"{p}.splits", f"unknown split {s!r}")
         for s in self.systems:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlpmem.config_values import check as _check
-from mlpmem.config_values import opt, point_name
+from mlpmem.config_values import RUN_DIR_NAMES, opt, point_name
 
 
 @dataclass
@@ -130,3 +130,5 @@ class SweepConfig:
                "name eval options without the section (splits, not eval.splits)")
         _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), f"{p}.name",
                f"must be a plain directory name, got {self.name!r}")
+        _check(self.name not in RUN_DIR_NAMES + ("eval",), f"{p}.name", f"{self.name!r} is where a stage or command "
+               "writes in the run directory; name the sweep otherwise, e.g. sweep-blocks")

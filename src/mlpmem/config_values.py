@@ -194,3 +194,10 @@ def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 def check(cond: bool, flag: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"--{flag}: {msg}")
+
+
+# What other stages and commands write under --out_dir (the stage table's outputs, export, bench, compare and its
+# variants' run directories): names that --eval.out_name and --sweep.name may not take (tests/test_integrity.py
+# checks this list covers the stage table and compare's variants).
+RUN_DIR_NAMES = ("data", "finetune", "datastore", "index", "targets", "memory", "joint", "qa", "export", "bench",
+                 "compare", "vanilla", "full", "lora", "full-ce", "timings.json")

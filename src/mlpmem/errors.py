@@ -1,5 +1,7 @@
-"""The errors a user can fix. The CLI prints their message as one line and exits with code 2; anything else is a
-bug (exit 1, traceback with -v). Each class also derives from the builtin a caller would naturally catch."""
+"""The errors with a message that says what to do. The CLI prints that message as one line and exits with code 2 for
+a :class:`UserError` (settings, inputs, a stale or locked run) and 1 for the machine's (:class:`DiskSpaceError`, and
+any other OSError: permissions, ...); anything else is a bug (exit 1, traceback with -v). Each class also derives
+from the builtin a caller would naturally catch."""
 
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ class AssetError(UserError, RuntimeError):
     """An offline default asset could not be downloaded or read."""
 
 
-class DiskSpaceError(UserError, OSError):
-    """Not enough free space for an output of known size; the stage resumes once space is freed."""
+class DiskSpaceError(OSError):
+    """The machine's, not a UserError (exit 1, like every OSError): not enough free space for an output (checked up
+    front for outputs of known size, or a write that failed on a full disk, a quota or a file-size limit); the stage
+    resumes once space is freed."""
 
 
 class RunLockedError(StageError):

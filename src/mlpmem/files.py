@@ -2,7 +2,8 @@
 
 - Arrays are real ``.npy`` files (dtype and shape in the header), opened as memmaps; a memmap of known size gets
   its blocks reserved up front (``posix_fallocate``), so a full disk is a clear error before any work instead of a
-  SIGBUS in the middle of it.
+  SIGBUS in the middle of it; a write that fails on a full disk anyway (whatever the writer wraps the ENOSPC in) is
+  a one-line :class:`DiskSpaceError` naming the path and the free space (:func:`disk_errors`).
 - Anything small is written to a temporary file in the same directory and renamed (atomic on POSIX), with the
   permissions an ordinary ``open`` would give (umask), never mkstemp's 0600.
 - A directory that is rewritten as a whole (a checkpoint) is a symlink to a versioned sibling, switched by one
@@ -29,11 +30,14 @@ from typing import Any, Iterator
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from mlpmem.disk import TMP_MARK as _TMP_MARK
+from mlpmem.disk import disk_errors, human_bytes, reserve
 from mlpmem.errors import DiskSpaceError, StageError
 
 log = logging.getLogger(__name__)
 
-_TMP_MARK = ".mlpmem-tmp"  # in every temporary name (files and directories), so leftovers are recognisable
+# files whose content (not only their size) a manifest vouches for: what gets loaded as a model
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 _VERSION_RE = re.compile(r"^\.(?P<name>.+)\.v-[0-9a-f]{12}$")
 
 
@@ -54,18 +58,21 @@ def _public(path: str | Path, is_dir: bool = False) -> None:
 def atomic_file(path: str | Path):
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and rename it over ``path``.
 
-    A crash or exception leaves ``path`` as it was (old content or absent), never half written.
+    A crash or exception leaves ``path`` as it was (old content or absent), never half written; a full disk is a
+    :class:`DiskSpaceError` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_MARK)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _public(tmp)
-        os.replace(tmp, path)
+        with disk_errors(path, "free space (or choose another --out_dir) and rerun the same command; finished work "
+                         "is kept", written=Path(tmp)):  # judged while the partial file still fills the disk
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            _public(tmp)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -135,19 +142,45 @@ def swapped_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(target)
     new = parent / f".{target.name}.v-{uuid.uuid4().hex[:12]}"
     new.mkdir()
     try:
         yield new
         link = parent / f".{target.name}.link{_TMP_MARK}-{uuid.uuid4().hex[:8]}"
         os.symlink(new.name, link)
-        if target.is_dir() and not target.is_symlink():  # a plain directory (older layout): move it aside once
-            target.rename(parent / f".{target.name}.v-{uuid.uuid4().hex[:12]}")
+        if target.is_dir() and not target.is_symlink():  # empty (checked above): nothing of anyone's is lost
+            target.rmdir()
         os.replace(link, target)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
     remove_old_versions(target)
+
+
+def made_by_swap(target: Path) -> bool:
+    """Whether ``target`` is what :func:`swapped_directory` makes: a symlink to its own ``.NAME.v-*`` sibling."""
+    if not target.is_symlink():
+        return False
+    dest = os.readlink(target)
+    m = _VERSION_RE.match(dest)
+    return bool(m and m.group("name") == target.name and (target.parent / dest).is_dir())
+
+
+def check_replaceable(target: Path) -> None:
+    """StageError unless ``target`` is absent, an empty directory, or a directory version this module made.
+
+    A writer replaces only what it made itself: a user's folder or file (or a run directory) given as an output path
+    is refused with exit 2, never renamed away and swept."""
+    target = Path(target)
+    if not (target.exists() or target.is_symlink()) or made_by_swap(target):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    kind = ("a symlink" if target.is_symlink() else "a non-empty directory" if target.is_dir() else
+            "a file")
+    raise StageError(f"{target} already exists and was not written by mlpmem ({kind}); mlpmem replaces only "
+                     "what it wrote itself: choose another path, or move it away yourself")
 
 
 def remove_old_versions(target: Path) -> None:
@@ -227,32 +260,70 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- disk space and arrays
+def cached_per_file(path: str | Path, what: str, compute: Any) -> Any:
+    """``compute()`` (a JSON value) for the file at ``path``, cached by (path, size, mtime, inode, ``what``): a large
+    file is read once, and any write to it (a replaced checkpoint, one flipped byte) changes its mtime, so it is
+    computed again. The cache lives under the asset cache (``MLPMEM_CACHE``)."""
+    from mlpmem.assets import cache_dir
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    path = Path(path)
+    st = path.stat()
+    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+           "what": what}
+    cached = cache_dir() / "digests" / f"{fingerprint(key['path'], what)}.json"
+    hit = read_json(cached)
+    if isinstance(hit, dict) and hit.get("key") == key:
+        return hit["value"]
+    value = compute()
+    atomic_write_json(cached, {"key": key, "value": value})
+    return value
 
 
-def reserve(path: Path, nbytes: int) -> None:
-    """Reserve the blocks of a file of ``nbytes`` (posix_fallocate); a full disk is a DiskSpaceError naming how much
-    is needed and free, raised before anything is computed into the file."""
-    try:
-        with open(path, "r+b") as f:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            free = shutil.disk_usage(path.parent).free
-            raise DiskSpaceError(
-                f"not enough disk space for {path} ({human_bytes(nbytes)} needed, {human_bytes(free)} free on its "
-                f"disk{', or a file-size limit is set' if e.errno == errno.EFBIG else ''}): free space or choose "
-                "another --out_dir, then rerun; finished work is kept") from None
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
-            raise
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file, hashed once per version of it (:func:`cached_per_file`)."""
+    return cached_per_file(path, "sha256", lambda: file_sha256(path))
 
+
+def file_listing(root: str | Path, skip: Any = lambda p: False) -> dict[str, dict]:
+    """{path relative to ``root``: {"size": bytes[, "sha256": digest for weight files]}} of the files a finished
+    output consists of, for a manifest to vouch for. Hidden files and directories (progress records, markers,
+    temporaries, directory versions) are not part of it; a checkpoint symlink (:func:`swapped_directory`) is, under
+    its own name (``best/model.safetensors``), whatever version it points to. ``skip(path)``: files and
+    subdirectories that are not part of it (the manifest itself, other outputs with a manifest of their own)."""
+    root = Path(root)
+    out: dict[str, dict] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not skip(here / n) and
+                             (made_by_swap(here / n) or not (here / n).is_symlink()))
+        for n in sorted(filenames):
+            p = here / n
+            if n.startswith(".") or p.is_symlink() or skip(p):
+                continue
+            info: dict[str, Any] = {"size": p.stat().st_size}
+            if p.suffix in WEIGHT_SUFFIXES:
+                info["sha256"] = cached_sha256(p)
+            out[p.relative_to(root).as_posix()] = info
+    return out
+
+
+def listing_problem(root: str | Path, listing: dict[str, dict]) -> str | None:
+    """What is wrong with the files of ``listing`` under ``root`` now (missing, resized, changed weights), or None."""
+    root = Path(root)
+    for rel, info in listing.items():
+        p = root / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != info.get("size"):
+            return f"{rel} has {size} bytes where its manifest recorded {info.get('size')}"
+        if info.get("sha256") and cached_sha256(p) != info["sha256"]:
+            return f"{rel} was modified after it was written (its sha256 is not the one its manifest recorded)"
+    return None
+
+
+# ----------------------------------------------------------------------------- arrays
 
 def create_memmap(path: str | Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """Create (or reopen for resume, if header matches) a writable .npy memmap whose blocks are reserved."""

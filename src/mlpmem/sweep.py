@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlpmem.artifacts import DATASTORE, MEMORY, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
+from mlpmem.artifacts import DATASTORE, MEMORY, claim, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
     rebuilding_stale
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config, point_name
@@ -122,6 +122,7 @@ def run(cfg: Config) -> dict:
         raise ConfigError("--sweep.points: list the points to run, e.g. '[{memory.num_blocks: 2}, {train.epochs: 2}]' "
                           "({} is the config itself)")
     by_name = {point_name(p): p for p in cfg.sweep.points}
+    claim(cfg.run_dir / cfg.sweep.name, "sweep")  # never a stage's directory (--sweep.name eval)
     with rebuilding_stale():
         for i, point in enumerate(cfg.sweep.points, 1):
             pcfg = point_config(cfg, point)

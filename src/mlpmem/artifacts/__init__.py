@@ -3,7 +3,7 @@
 Stages read their inputs and write their outputs only through this package; components know nothing of it.
 """
 
-from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, invalidate, read_manifest,  # noqa: F401
+from mlpmem.artifacts.manifest import (COMMANDS, FORMAT_VERSION, MANIFEST, claim, invalidate, read_manifest,  # noqa: F401
                                        rebuilding_stale, require_manifest, should_skip, verify_chain, write_manifest)
 from mlpmem.artifacts.readers import (DATA, DATASTORE, DATASTORE_VAL, FINETUNE, FINETUNED_MODEL, INDEX, JOINT, JOINT_MEMORY,  # noqa
                                       MEMORY, SPLITS, TARGETS, Datastore, base_model, TargetStore, check_memory_matches, is_complete, joint_model, load_eval_results,

@@ -6,6 +6,11 @@ are whole. A manifest records ``upstream``: the fingerprint of every artifact th
 covers those, so an upstream rerun changes it. Consumers call :func:`verify_chain` before use: it walks the
 upstream links down to ``prepare`` and refuses, naming the stage to rerun, as soon as a recorded fingerprint is
 not the one on disk now (the upstream was rebuilt since) or an upstream is missing or incomplete.
+
+A manifest also lists the files it vouches for (sizes, and the sha256 of weight files): a stage whose listed files
+are missing or changed is not "up to date" (:func:`should_skip` rebuilds it) and no reader uses it
+(:func:`require_manifest` refuses it). A directory belongs to one kind of writer (:func:`claim`): eval never
+writes into the memory's directory, whatever --eval.out_name says.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlpmem.errors import StageError
-from mlpmem.files import atomic_write_json
+from mlpmem.files import atomic_write_json, atomic_write_text, file_listing, listing_problem, read_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: manifests record their upstream fingerprints
 MANIFEST = "manifest.json"
+OWNER = ".mlpmem-owner"  # the kind of writer (stage or command) a directory belongs to
+# the option that names a writer's directory, for messages (the others live at fixed names under --out_dir)
+NAMED_BY = {"eval": "--eval.out_name", "sweep": "--sweep.name"}
 
 # stage -> the command that makes it (for messages)
 COMMANDS = {"prepare": "mlpmem prepare", "finetune": "mlpmem finetune", "extract": "mlpmem extract", "index": "mlpmem index",
@@ -61,8 +69,45 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         raise StageError(f"{p} is corrupt ({e}); delete {p.parent} and rerun its stage") from None
 
 
-def write_manifest(stage_dir: str | Path, stage: str, fp: str, upstream: dict[str, str], **fields: Any) -> dict:
-    """Write the stage's manifest last and atomically; returns it."""
+def owner_of(d: str | Path) -> str | None:
+    """The kind of writer ``d`` belongs to: its manifest's stage, else its owner mark; None for a fresh directory."""
+    d = Path(d)
+    m = read_json(d / MANIFEST)
+    if isinstance(m, dict) and m.get("stage"):
+        return str(m["stage"])
+    try:
+        return (d / OWNER).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def claim(d: str | Path, kind: str) -> None:
+    """Make ``d`` a directory of writer ``kind``; StageError (before anything is written or removed) if it belongs
+    to another kind, e.g. --eval.out_name memory, or --sweep.name eval."""
+    d = Path(d)
+    who = owner_of(d)
+    if who not in (None, kind):
+        raise StageError(f"{d} holds {who} output (`{COMMANDS.get(who, 'mlpmem ' + who)}`), and only {who} writes "
+                         f"there: choose another {NAMED_BY.get(kind, '--out_dir')} for {kind}'s output "
+                         "(--force does not change whose directory it is)")
+    if who is None:
+        if d.is_dir() and any(d.iterdir()):  # not made by mlpmem (it marks a directory before writing into it)
+            raise StageError(f"{d} holds files mlpmem did not write, and mlpmem writes only into directories of "
+                             f"its own: choose another {NAMED_BY.get(kind, '--out_dir')}, or move it away")
+        if d.exists() and not d.is_dir():
+            raise StageError(f"{d} is a file, where {kind} would write a directory: choose another "
+                             f"{NAMED_BY.get(kind, '--out_dir')}, or move it away")
+        atomic_write_text(d / OWNER, kind + "\n")
+
+
+def write_manifest(stage_dir: str | Path, stage: str, fp: str, upstream: dict[str, str], nested: tuple[str, ...] = (),
+                   **fields: Any) -> dict:
+    """Write the stage's manifest last and atomically; returns it. It lists the files of ``stage_dir`` it vouches
+    for; ``nested``: subdirectories that are outputs of their own (their manifest lists their files)."""
+    stage_dir = Path(stage_dir)
+    def skip(p: Path) -> bool:
+        return p.name == MANIFEST or (p / MANIFEST).exists() or (p.parent == stage_dir and p.name in nested)
+
     m = {
         "format_version": FORMAT_VERSION,
         "stage": stage,
@@ -71,6 +116,7 @@ def write_manifest(stage_dir: str | Path, stage: str, fp: str, upstream: dict[st
         "upstream": dict(upstream),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **fields,
+        "files": file_listing(stage_dir, skip),
         "complete": True,
     }
     atomic_write_json(Path(stage_dir) / MANIFEST, m)
@@ -93,6 +139,10 @@ def require_manifest(stage_dir: str | Path, stage: str, command: str | None = No
     if m.get("format_version") != FORMAT_VERSION:
         raise StageError(f"{stage_dir} was written by another version of mlpmem (format {m.get('format_version')}, "
                          f"this one reads {FORMAT_VERSION}): rerun `{command} --force`")
+    problem = listing_problem(stage_dir, m.get("files") or {})
+    if problem:
+        raise StageError(f"the {stage} output in {stage_dir} is damaged: {problem}. Rerun `{command}` (it rebuilds "
+                         "it), then the stages after it, or `mlpmem pipeline`")
     return m
 
 
@@ -129,19 +179,32 @@ def verify_chain(run_dir: str | Path, key: str, stage: str, _seen: dict | None =
     return m
 
 
-def should_skip(stage_dir: str | Path, stage: str, fp: str, force: bool, upstream: dict[str, str] | None = None
-                ) -> dict | None:
+def should_skip(stage_dir: str | Path, stage: str, fp: str, force: bool, upstream: dict[str, str] | None = None,
+                run_dir: str | Path | None = None) -> dict | None:
     """Return the existing manifest when the stage is already done with the same fingerprint, else None (do it).
+
+    Done means its files are still the ones its manifest lists (else it is rebuilt) and, with ``run_dir``, that
+    the upstream artifacts it was made from are whole too: a memory whose weights changed after training makes its
+    evaluation refuse, not report "up to date" with numbers of other weights.
 
     A complete manifest with another fingerprint means the outputs were made with other settings or inputs: refuse
     rather than silently mixing them, unless ``force`` (or, inside :func:`rebuilding_stale`, when only the inputs
     changed).
     """
     command = COMMANDS.get(stage, f"mlpmem {stage}")
+    claim(stage_dir, stage)
     m = read_manifest(stage_dir)
     if m is None or not m.get("complete") or force:
         return None
     if m.get("fingerprint") == fp and m.get("format_version") == FORMAT_VERSION:
+        problem = listing_problem(stage_dir, m.get("files") or {})
+        if problem:  # "up to date" only when the files the manifest vouches for are still the ones it describes
+            log.warning("%s: %s in %s; rebuilding it", stage, problem, stage_dir)
+            return None
+        if run_dir is not None:
+            for key in upstream or {}:
+                up = read_manifest(_resolve(Path(run_dir), key)) or {}
+                verify_chain(run_dir, key, up.get("stage", "upstream"))
         log.info("%s: up to date in %s, skipping", stage, stage_dir)
         return m
     inputs_changed = upstream is not None and m.get("upstream") != upstream

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlpmem.artifacts import claim
 from mlpmem.bench.report import format_table, plot, ratios, si
 from mlpmem.bench.train import bench_training
 from mlpmem.config import Config
@@ -298,7 +299,7 @@ def run(cfg: Config) -> dict:
     if min(b.sizes) < cfg.knn.k:
         raise ValueError(f"--bench.sizes: every size must be >= --knn.k ({cfg.knn.k}), got {min(b.sizes)}")
     out = cfg.run_dir / "bench"
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "bench")
     phases, t0 = {}, time.perf_counter()
 
     def phase(name: str) -> None:  # wall time of each part of the bench itself (where its minutes go)

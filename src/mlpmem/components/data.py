@@ -118,7 +118,35 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
+class _TextCheck:
+    """The text value of one record: a string is kept as is; anything else (null, a number, a list, an object) is
+    refused naming the record, since str() would turn it into a document like "None" or "['a', 'b']". With
+    --data.skip_bad_records it is skipped and counted instead. Empty strings are kept (dropped later, as empty
+    lines of a .txt are)."""
+
+    _KINDS = ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), ((list, tuple), "a list"),
+              (dict, "an object"))
+
+    def __init__(self, field: str, skip: bool):
+        self.field, self.skip, self.skipped, self.first = field, skip, 0, None
+
+    def __call__(self, value, where: str) -> str | None:
+        if isinstance(value, str):
+            return value
+        if not self.skip:
+            kind = next((k for t, k in self._KINDS if isinstance(value, t)), f"a {type(value).__name__}")
+            shown = json.dumps(value, default=str, ensure_ascii=False)  # as the JSONL line spells it
+            shown = "" if value is None else f" {shown[:40]}{'...' if len(shown) > 40 else ''}"
+            raise CorpusError(f"--data.source {where}: {self.field!r} is {kind}{shown}, not a string; fix or remove "
+                              "that record, point --data.text_field at the text, or pass --data.skip_bad_records "
+                              "true to skip such records")
+        self.skipped += 1
+        self.first = self.first or where
+        return None
+
+
+def _read_jsonl(path: Path, check: _TextCheck) -> list[str]:
+    field = check.field
     text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of records or strings
         try:
@@ -130,11 +158,11 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             if isinstance(rec, str):
                 docs.append(rec)
             elif isinstance(rec, dict) and field in rec:
-                docs.append(str(rec[field]))
+                docs.append(check(rec[field], f"{path} item {n}"))
             else:
                 raise CorpusError(f"--data.source: {path} item {n} is neither a string nor a record with field "
                                   f"{field!r}; set --data.text_field")
-        return docs
+        return [d for d in docs if d is not None]
     docs = []
     for n, line in enumerate(_lines(text), 1):
         if not line.strip():
@@ -145,13 +173,14 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             raise CorpusError(f"--data.source: {path} line {n} is not JSON ({e.msg})") from None
         if not isinstance(rec, dict) or field not in rec:
             raise CorpusError(f"--data.source: {path} line {n} has no field {field!r}; set --data.text_field")
-        docs.append(str(rec[field]))
-    return docs
+        docs.append(check(rec[field], f"{path}:{n}"))
+    return [d for d in docs if d is not None]
 
 
-def _read_hf(spec: str, field: str) -> dict[str, list[str]]:
+def _read_hf(spec: str, check: _TextCheck) -> dict[str, list[str]]:
     import datasets
 
+    field = check.field
     name, _, conf = spec[3:].partition(":")
     try:
         if Path(name).exists():
@@ -173,19 +202,33 @@ def _read_hf(spec: str, field: str) -> dict[str, list[str]]:
         if key is None:
             log.warning("ignoring dataset split %r", split)
             continue
-        out[key] = [str(t) for t in d[field]]
+        texts = (check(t, f"{spec}: split {split!r} row {i}") for i, t in enumerate(d[field]))
+        out[key] = [t for t in texts if t is not None]
     return out
 
 
-def read_corpus(dcfg: DataConfig) -> dict[str, list[str]]:
-    """Documents per split: {"all": [...]} when the source has no splits, else train/validation/test lists."""
+def read_corpus(dcfg: DataConfig, report: dict | None = None) -> dict[str, list[str]]:
+    """Documents per split: {"all": [...]} when the source has no splits, else train/validation/test lists.
+
+    ``report``, when given, receives ``skipped_records``: records skipped by --data.skip_bad_records."""
+    check = _TextCheck(dcfg.text_field, dcfg.skip_bad_records)
+    docs = _read_corpus(dcfg, check)
+    if check.skipped:
+        log.warning("skipped %d record(s) whose %r is not a string (--data.skip_bad_records), the first at %s",
+                    check.skipped, check.field, check.first)
+    if report is not None:
+        report["skipped_records"] = check.skipped
+    return docs
+
+
+def _read_corpus(dcfg: DataConfig, check: _TextCheck) -> dict[str, list[str]]:
     src = dcfg.source
     if src == "default":
         from mlpmem.assets import default_corpus
 
         return {"all": [d["text"] for d in default_corpus()]}
     if src.startswith("hf:"):
-        return _read_hf(src, dcfg.text_field)
+        return _read_hf(src, check)
     p = Path(src).expanduser()
     if not p.exists():
         raise CorpusError(f"--data.source {src}: no such file or directory (use 'default', a path, or hf:NAME)")
@@ -197,7 +240,7 @@ def read_corpus(dcfg: DataConfig) -> dict[str, list[str]]:
     docs: list[str] = []
     for f in files:
         if f.suffix in (".jsonl", ".json"):
-            docs += _read_jsonl(f, dcfg.text_field)
+            docs += _read_jsonl(f, check)
         elif per == "file":
             docs.append(_read_text(f))
         else:

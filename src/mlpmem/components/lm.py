@@ -11,7 +11,7 @@ import torch
 
 from mlpmem.config import ModelConfig
 from mlpmem.errors import ConfigError, ModelLoadError
-from mlpmem.files import atomic_write_json, file_sha256, fingerprint, read_json
+from mlpmem.files import WEIGHT_SUFFIXES, cached_sha256, fingerprint
 from mlpmem.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -87,24 +87,6 @@ def load_tokenizer(mcfg: ModelConfig):
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime, inode) so a large checkpoint is hashed once."""
-    from mlpmem.assets import cache_dir
-
-    st = path.stat()
-    key = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-    cached = cache_dir() / "digests" / f"{fingerprint(key['path'])}.json"
-    hit = read_json(cached)
-    if isinstance(hit, dict) and hit.get("key") == key:
-        return hit["sha256"]
-    digest = file_sha256(path)
-    atomic_write_json(cached, {"key": key, "sha256": digest})
-    return digest
-
-
 def weights_digest(src: str, kw: dict, model) -> str:
     """Content identity of the weights: hash of the weight files of a local model (cached), the commit of a hub
     snapshot, else a hash of the loaded tensors. Replacing a checkpoint's weights in place changes it."""
@@ -112,7 +94,7 @@ def weights_digest(src: str, kw: dict, model) -> str:
     files = [p / kw["gguf_file"]] if "gguf_file" in kw else \
         sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if p.is_dir() else []
     if files:
-        return fingerprint([(f.name, _file_digest(f)) for f in files])
+        return fingerprint([(f.name, cached_sha256(f)) for f in files])
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return f"commit:{commit}"

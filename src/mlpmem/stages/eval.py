@@ -56,7 +56,7 @@ def run(cfg: Config) -> dict:
     fp = fingerprint("eval", upstream, lm.identity["fingerprint"], cfg.to_dict()["eval"], cfg.to_dict()["window"],
                      cfg.model.dtype, knn_meta.get("settings"), cfg.seed)
     dist = dist_info()
-    done = should_skip(out, "eval", fp, cfg.force, upstream)
+    done = should_skip(out, "eval", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         if dist.is_main:
             print(done["table"])

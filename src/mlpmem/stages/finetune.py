@@ -39,7 +39,7 @@ def run(cfg: Config) -> dict:
     settings = cfg.to_dict()["finetune"]
     fp = fingerprint("finetune", upstream, lm.identity["fingerprint"], settings, cfg.window.context,
                      cfg.window.stride, cfg.seed, dist.world_size)
-    done = should_skip(out, "finetune", fp, cfg.force, upstream)
+    done = should_skip(out, "finetune", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     rebuild = cfg.force or is_complete(out)  # a finished fine-tuning from other settings or inputs: start over

@@ -25,14 +25,24 @@ def run(cfg: Config) -> dict:
     return on_main(_prepare, cfg)
 
 
+def vocab_bound(tok) -> int:
+    """1 + the largest id the tokenizer can produce (readers check the streams against it); added tokens can sit
+    past len(tok) in some tokenizers' id space."""
+    return max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
+
+
 def _prepare(cfg: Config) -> dict:
     out = cfg.run_dir / DATA
     tok = load_tokenizer(cfg.model)
     t_hash = tokenizer_hash(tok)
     t0 = time.time()
-    splits = assign_splits(read_corpus(cfg.data), cfg.data)
+    report: dict = {}
+    splits = assign_splits(read_corpus(cfg.data, report), cfg.data)
     c_fp = corpus_fingerprint(splits)
-    fp = fingerprint("prepare", cfg.to_dict()["data"], t_hash, c_fp)
+    # skip_bad_records only changes which documents are read, which c_fp covers; leaving it out keeps the
+    # fingerprints of runs prepared before the option existed
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if k != "skip_bad_records"}
+    fp = fingerprint("prepare", data, t_hash, c_fp)
     done = should_skip(out, "prepare", fp, cfg.force, upstream={})
     if done:
         return done
@@ -52,4 +62,5 @@ def _prepare(cfg: Config) -> dict:
     save_stage_config(cfg, "prepare", out)
     return write_manifest(out, "prepare", fp, upstream={}, tokenizer_hash=t_hash, tokenizer_name=cfg.model.name,
                           corpus_fingerprint=c_fp, separator=sep, counts=counts, source=cfg.data.source,
+                          skipped_records=report["skipped_records"], vocab_size=vocab_bound(tok),
                           seconds=round(time.time() - t0, 2))

@@ -110,7 +110,7 @@ def _qa(cfg: Config) -> dict:
     upstream = {DATA: data_m["fingerprint"], cfg.eval.out_name: eval_m["fingerprint"], **model_up}
     fp = fingerprint("qa", upstream, lm.identity["fingerprint"], cfg.to_dict()["qa"], cfg.to_dict()["window"]
                      ["context"], cfg.model.dtype, cfg.seed)
-    done = should_skip(out, "qa", fp, cfg.force, upstream)
+    done = should_skip(out, "qa", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         print(done["table"])
         return done

@@ -57,7 +57,7 @@ def run(cfg: Config) -> dict:
                            intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout, meta=meta)
     fp = fingerprint("train", upstream, mc.to_dict(), cfg.to_dict()["train"], cfg.memory.init_head, cfg.seed,
                      dist.world_size, *ds.scope)
-    done = should_skip(out, "train", fp, cfg.force, upstream)
+    done = should_skip(out, "train", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     rebuild = cfg.force or is_complete(out)  # a finished memory from other settings or inputs: start over
