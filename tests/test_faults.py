@@ -29,9 +29,17 @@ from mlpmem.cli import main
 OVERRIDES = {"train.save_every": 2, "train.eval_every": 2, "knn.query_batch": 128, "window.batch_size": 4}
 STAGES = ["prepare", "extract", "index", "knn-targets", "train", "eval"]
 # stage -> the reference's stage directories copied into a fresh run so that only the stage under test runs
-UPSTREAM = {"prepare": [], "extract": ["data"], "knn-targets": ["data", "datastore", "index"],
-            "train": ["data", "datastore", "index", "targets"],
-            "eval": ["data", "datastore", "index", "targets", "memory"]}
+UPSTREAM = {"prepare": [], "finetune": ["data"], "extract": ["data"], "index": ["data", "datastore"],
+            "knn-targets": ["data", "datastore", "index"], "train": ["data", "datastore", "index", "targets"],
+            "eval": ["data", "datastore", "index", "targets", "memory"],
+            "joint": ["data", "datastore", "index", "targets", "memory", "eval"]}
+# fine-tuning and joint training (off in the reference run): 6 steps of 4 windows, a checkpoint every 2 steps, so a
+# kill at the second checkpoint (step 4) resumes from step 2 and trains on; the same settings serve both stages
+TRAINING = {"lr": 1e-3, "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_every": 2, "save_every": 2,
+            "val_windows": 4}
+FINETUNE = {"finetune.mode": "full", **{f"finetune.{k}": v for k, v in TRAINING.items()}}
+# lambda fixed so the test does not depend on what eval tuned; LoRA (seeded adapters, reseeded dropout) for variety
+JOINT = {"joint.mode": "lora", "joint.lam": 0.5, **{f"joint.{k}": v for k, v in TRAINING.items()}}
 TMP_MARK = ".mlpmem-tmp"
 
 
@@ -52,10 +60,10 @@ def run_inproc(stage: str, config: Path) -> int:
     return main([stage, "--config", str(config)])
 
 
-def write_config(base: Path, run: Path, where: Path) -> Path:
+def write_config(base: Path, run: Path, where: Path, **extra) -> Path:
     """A config whose model and corpus are the module's (so fingerprints match the reference) and whose out_dir is
-    ``run``."""
-    cfg = tiny_config(base, "llama", out_dir=str(run), **OVERRIDES)
+    ``run`` (``extra``: more overrides, e.g. a fine-tuning mode)."""
+    cfg = tiny_config(base, "llama", out_dir=str(run), **{**OVERRIDES, **extra})
     where.write_text(yaml.safe_dump(cfg.to_dict()))
     return where
 
@@ -107,18 +115,89 @@ def fresh(ref, tmp_path, monkeypatch):
     (run dir, config path)."""
     monkeypatch.delenv("MLPMEM_FAULT", raising=False)
 
-    def make(stage: str) -> tuple[Path, Path]:
+    def make(stage: str, **extra) -> tuple[Path, Path]:
         run = tmp_path / "run"
         run.mkdir()
         for d in UPSTREAM[stage]:
             shutil.copytree(ref.run / d, run / d, symlinks=True)
-        return run, write_config(ref.base, run, tmp_path / "cfg.yaml")
+        return run, write_config(ref.base, run, tmp_path / "cfg.yaml", **extra)
 
     return make
 
 
 def manifest(stage_dir: Path) -> dict:
     return json.loads((stage_dir / "manifest.json").read_text())
+
+
+def _reference(ref, stage: str, extra: dict) -> Path:
+    """An uninterrupted run of ``stage`` (off in the module's reference run) on copies of the reference's inputs."""
+    run = ref.base / f"ref-{stage}"
+    run.mkdir()
+    for d in UPSTREAM[stage]:
+        shutil.copytree(ref.run / d, run / d, symlinks=True)
+    assert run_inproc(stage, write_config(ref.base, run, ref.base / f"ref-{stage}.yaml", **extra)) == 0, stage
+    return run
+
+
+@pytest.fixture(scope="module")
+def finetune_ref(ref):
+    return _reference(ref, "finetune", FINETUNE)
+
+
+@pytest.fixture(scope="module")
+def joint_ref(ref):
+    return _reference(ref, "joint", JOINT)
+
+
+def metrics(p: Path) -> list[dict]:
+    """A metrics.jsonl without its timings: the killed run's lost lines dropped, the rest as if never interrupted."""
+    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in p.read_text().splitlines()]
+
+
+def spy_resumes(monkeypatch, module) -> list[int]:
+    """The steps ``module._load_last`` resumes from, in order."""
+    resumed = []
+    load_last = module._load_last
+
+    def spy(*a, **k):
+        st = load_last(*a, **k)
+        resumed.append(int(st["step"]))
+        return st
+
+    monkeypatch.setattr(module, "_load_last", spy)
+    return resumed
+
+
+def assert_killed_inside_last_swap(run: Path, out: Path, at_step: int) -> None:
+    """``out/last`` still names the complete checkpoint of ``at_step``; the next one, written but not switched in,
+    is the run's one leftover."""
+    import torch
+
+    from mlpmem.components.finetune import WEIGHTS_NAME
+    from mlpmem.components.trainer import STATE_NAME
+
+    current = out / os.readlink(out / "last")
+    assert {WEIGHTS_NAME, STATE_NAME} <= {p.name for p in current.iterdir()}
+    assert torch.load(current / STATE_NAME, map_location="cpu", weights_only=True)["step"] == at_step
+    versions = sorted(p.name for p in out.glob(".last.v-*"))
+    assert len(versions) == 2 and current.name in versions
+    assert leftovers(run) == [f"{out.name}/{v}" for v in versions if v != current.name]
+
+
+def assert_same_training(out: Path, want: Path, weights: list[str]) -> None:
+    """The resumed training's files equal the uninterrupted run's: ``weights`` (paths under the stage directory),
+    both checkpoints, the log and the manifest's numbers; no stale checkpoint versions."""
+    from mlpmem.components.finetune import WEIGHTS_NAME
+
+    for rel in weights + [f"best/{WEIGHTS_NAME}", f"last/{WEIGHTS_NAME}"]:
+        assert (out / rel).read_bytes() == (want / rel).read_bytes(), f"{rel} differs from the uninterrupted run's"
+    assert metrics(out / "metrics.jsonl") == metrics(want / "metrics.jsonl")
+    got, ref_m = manifest(out), manifest(want)
+    assert got["complete"] is True
+    for k in ("steps", "tokens", "best_step", "best_val_loss", "base_val_loss", "final_train_loss"):
+        assert got[k] == ref_m[k], k
+    for sub in ("best", "last"):
+        assert [p.name for p in out.glob(f".{sub}.v-*")] == [os.readlink(out / sub)]
 
 
 # ----------------------------------------------------------------------------- one test per fault point
@@ -177,6 +256,81 @@ def test_knn_targets_killed_after_a_block_resumes(ref, fresh):
     assert leftovers(run) == []
 
 
+def test_index_killed_before_its_rename_rebuilds(ref, fresh):
+    run, config = fresh("index")
+    r = run_cli("index", config, _env(MLPMEM_FAULT="index.write"))
+    killed(r, "index.write")
+    ix = run / "index"
+    assert not (ix / "manifest.json").exists() and not (ix / "index.faiss").exists()  # never half a file
+    left = leftovers(run)
+    assert len(left) == 1 and left[0].startswith("index/.index.faiss.") and left[0].endswith(TMP_MARK), left
+
+    assert run_inproc("index", config) == 0
+    m = manifest(ix)
+    assert m["complete"] is True and m["ntotal"] == manifest(ref.run / "index")["ntotal"] > 0
+    assert (ix / "index.faiss").read_bytes() == (ref.run / "index" / "index.faiss").read_bytes()
+    assert leftovers(run) == []
+
+
+def test_finetune_killed_inside_checkpoint_swap_resumes(ref, finetune_ref, fresh, monkeypatch):
+    from mlpmem.components import finetune as ft
+
+    run, config = fresh("finetune", **FINETUNE)
+    r = run_cli("finetune", config, _env(MLPMEM_FAULT="finetune.checkpoint@2"))
+    killed(r, "finetune.checkpoint@2")
+    out = run / "finetune"
+    assert not (out / "manifest.json").exists() and not (out / "model").exists()
+    save_every = TRAINING["save_every"]
+    assert_killed_inside_last_swap(run, out, save_every)
+
+    resumed = spy_resumes(monkeypatch, ft)
+    assert run_inproc("finetune", config) == 0
+    assert resumed == [save_every]  # mid-training: steps save_every + 1 .. max_steps ran again
+    assert_same_training(out, finetune_ref / "finetune", ["model/model.safetensors"])
+    assert manifest(out)["steps"] == TRAINING["max_steps"]
+    assert leftovers(run) == []
+
+
+def test_joint_killed_inside_checkpoint_swap_resumes(ref, joint_ref, fresh, monkeypatch):
+    """Joint training runs the fine-tuning loop (its fault point is the loop's), over the LM's LoRA adapters and the
+    memory together: both end as the uninterrupted run's."""
+    from mlpmem.components import finetune as ft
+
+    run, config = fresh("joint", **JOINT)
+    r = run_cli("joint", config, _env(MLPMEM_FAULT="finetune.checkpoint@2"))
+    killed(r, "finetune.checkpoint@2")
+    out = run / "joint"
+    assert not (out / "manifest.json").exists() and not (out / "model").exists() and not (out / "memory").exists()
+    assert_killed_inside_last_swap(run, out, TRAINING["save_every"])
+
+    resumed = spy_resumes(monkeypatch, ft)
+    assert run_inproc("joint", config) == 0
+    assert resumed == [TRAINING["save_every"]]
+    assert_same_training(out, joint_ref / "joint", ["model/model.safetensors", "memory/model.safetensors"])
+    assert leftovers(run) == []
+
+
+def test_joint_killed_between_its_two_exports_finishes_them(ref, joint_ref, fresh, monkeypatch):
+    """Killed after the joint LM is exported and before its memory is: the rerun trains nothing (the final
+    checkpoint is complete) and writes both, as the uninterrupted run did."""
+    from mlpmem.components import finetune as ft
+
+    run, config = fresh("joint", **JOINT)
+    r = run_cli("joint", config, _env(MLPMEM_FAULT="joint.export"))
+    killed(r, "joint.export")
+    out = run / "joint"
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not (out / "memory").exists() and not (out / "manifest.json").exists()
+    assert leftovers(run) == []
+
+    resumed = spy_resumes(monkeypatch, ft)
+    monkeypatch.setattr(ft, "window_loss", lambda *a, **k: pytest.fail("trained or validated again"))
+    assert run_inproc("joint", config) == 0
+    assert resumed == [TRAINING["max_steps"]]
+    assert_same_training(out, joint_ref / "joint", ["model/model.safetensors", "memory/model.safetensors"])
+    assert leftovers(run) == []
+
+
 def test_train_killed_inside_checkpoint_swap_resumes(ref, fresh, monkeypatch):
     import torch
 
@@ -221,9 +375,6 @@ def test_train_killed_inside_checkpoint_swap_resumes(ref, fresh, monkeypatch):
             (ref.run / "memory" / sub / "model.safetensors").read_bytes(), sub
     assert [p.name for p in mem.glob(".last.v-*")] == [os.readlink(mem / "last")]
     assert [p.name for p in mem.glob(".best.v-*")] == [os.readlink(mem / "best")]
-
-    def metrics(p: Path) -> list[dict]:  # the killed run's lost lines dropped, the rest as if never interrupted
-        return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in p.read_text().splitlines()]
 
     assert metrics(mem / "metrics.jsonl") == metrics(ref.run / "memory" / "metrics.jsonl")
     assert leftovers(run) == []
@@ -290,7 +441,7 @@ def test_extract_over_file_size_limit_fails_cleanly_then_resumes(ref, fresh):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     r = run_cli("extract", config, preexec_fn=limited)
-    assert r.returncode == 2, f"rc {r.returncode}; stderr:\n{r.stderr[-3000:]}"  # DiskSpaceError, the user's to fix
+    assert r.returncode == 1, f"rc {r.returncode}; stderr:\n{r.stderr[-3000:]}"  # DiskSpaceError: the machine's, exit 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("mlpmem extract: error:"), r.stderr
     assert "keys-00000-of-00001.npy" in last and ("space" in last or "size limit" in last), last

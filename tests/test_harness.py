@@ -94,3 +94,86 @@ def test_the_command_line_runs_lm_eval_with_the_mlpmem_model(run):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mlpmem_local_ppl" in r.stdout and "word_perplexity" in r.stdout
+
+
+def test_mlpmem_model_at_an_interior_lambda_answers_from_the_mixture(run):
+    """At lam = 0.5 every request lm-eval makes of the mlpmem model (log-likelihood, rolling log-likelihood,
+    greedy generation) is answered from log((1 - lam) p_LM + lam p_mem), computed here directly in float64 from
+    the LM's logits and the memory's on the hidden state at its hook point, request by request; and the answers
+    differ from the plain LM's, so the mixture is what makes them."""
+    import math
+
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlpmem.components.capture import forward_hidden, resolve_hook
+    from mlpmem.components.memory import MLPMemory
+    from mlpmem.harness import MemoryLM
+
+    tmp, tasks = run
+    model_dir, mem_dir = tmp / "model-llama", tmp / "run" / "memory" / "best"
+    lam = 0.5
+    mlm = MemoryLM(pretrained=str(model_dir), memory=str(mem_dir), lam=lam, device="cpu", dtype="float32",
+                   batch_size=2)
+    samples = simple_evaluate(model=mlm, tasks=NAMES, log_samples=True,
+                              task_manager=TaskManager(include_path=str(tasks), include_defaults=False))["samples"]
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    memory = MLPMemory.from_pretrained(mem_dir)
+    meta = memory.config.meta
+    hook = resolve_hook(lm, meta["hook"], int(meta.get("layer", -1)))
+    T = mlm.mem_temperature
+
+    def mix(ids: list[int], mem_lam: float = lam) -> torch.Tensor:
+        """(len(ids), V) float64 log-probs of each next token under the mixture."""
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            lm_lp = lm(x).logits[0].double().log_softmax(-1)
+            mem_lp = (memory(forward_hidden(lm, hook, x)[0]).double() / T).log_softmax(-1)
+        if mem_lam == 0:
+            return lm_lp
+        return torch.logaddexp(lm_lp + math.log(1 - mem_lam), mem_lp + math.log(mem_lam))
+
+    def encode(s: str) -> list[int]:
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    def loglik(ctx: str, cont: str, mem_lam: float = lam) -> float:
+        n = len(ctx) - len(ctx.rstrip())  # lm-eval moves the context's trailing spaces into the continuation
+        ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+        c, whole = encode(ctx), encode(ctx + cont)
+        lp = mix(whole, mem_lam)
+        return float(sum(lp[i - 1, whole[i]] for i in range(len(c), len(whole))))
+
+    def args(s: dict) -> list[tuple]:  # the sample's requests' arguments
+        return [tuple(a) for a in s["arguments"]]
+
+    checked = {}
+    for s in samples["mlpmem_local_mc"]:
+        for (ctx, cont), (ll, _) in zip(args(s), [r[0] for r in s["resps"]]):
+            assert ll == pytest.approx(loglik(ctx, cont), abs=1e-4)
+            assert abs(ll - loglik(ctx, cont, 0.0)) > 1e-3  # not the plain LM's
+            checked["mc"] = checked.get("mc", 0) + 1
+    for s in samples["mlpmem_local_ppl"]:
+        (text,), = args(s)
+        toks = encode(text)
+        assert len(toks) < mlm.max_length  # one window: every token predicted from the prefix token and all before
+        lp = mix([mlm.prefix_token_id] + toks[:-1])
+        assert s["resps"][0][0] == pytest.approx(float(sum(lp[i, t] for i, t in enumerate(toks))), rel=1e-5)
+        checked["ppl"] = checked.get("ppl", 0) + 1
+    changed = 0
+    for s in samples["mlpmem_local_gen"]:
+        (ctx, kw), = args(s)
+        ids, plain = encode(ctx), encode(ctx)
+        for _ in range(kw["max_gen_toks"]):
+            ids.append(int(mix(ids)[-1].argmax()))
+            plain.append(int(mix(plain, 0.0)[-1].argmax()))
+        n = len(encode(ctx))
+        want = tok.decode(ids[n:], skip_special_tokens=True).split("\n")[0]
+        assert s["resps"][0][0] == want, s["doc"]
+        changed += want != tok.decode(plain[n:], skip_special_tokens=True).split("\n")[0]
+        checked["gen"] = checked.get("gen", 0) + 1
+    assert checked == {"mc": 12, "ppl": 6, "gen": 6}
+    assert changed > 0

@@ -1,5 +1,6 @@
-"""A memory as a Hub model folder: `mlpmem export` writes it with a model card, a fresh process loads it for its
-base model and refuses another one; Hub repo ids resolve through the Hub (offline: a one-line error)."""
+"""A memory as a Hub model folder: `mlpmem export` writes it with a model card; loaded back it computes the logits
+of the run's memory/best exactly; a fresh process loads it for its base model and refuses another one; Hub repo ids
+resolve through the Hub (offline: a one-line error)."""
 
 import json
 import os
@@ -7,10 +8,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from helpers import make_model_dir, make_texts, tiny_config, write_corpus
 from mlpmem.cli import main
+from mlpmem.components.capture import forward_hidden, resolve_hook
+from mlpmem.components.hub import load_memory_for
+from mlpmem.components.lm import load_lm
+from mlpmem.components.memory import MLPMemory
+from mlpmem.config import ModelConfig
 
 LOAD = """
 import sys
@@ -46,6 +53,18 @@ def test_export_writes_a_hub_folder_that_loads_only_for_its_base_model(tmp_path)
     data_fp = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())["fingerprint"]
     for text in (meta["base_fingerprint"], meta["hook"], data_fp, "| test | memory |"):
         assert text in card, text
+    # loaded back for its base model, it is the run's memory/best: the same settings, the same logits
+    lm = load_lm(ModelConfig(name=str(tmp_path / "model-llama"), dtype="fp32"))
+    loaded = load_memory_for(out, lm.identity)
+    best = MLPMemory.from_pretrained(tmp_path / "run" / "memory" / "best")
+    assert loaded.config.to_dict() == best.config.to_dict() and not loaded.training
+    ids = torch.tensor([lm.tokenizer(t)["input_ids"][:24] for t in make_texts(3, seed=7)])
+    hook = resolve_hook(lm.model, meta["hook"], int(meta.get("layer", -1)))
+    with torch.no_grad():
+        h = forward_hidden(lm.model, hook, ids)  # the hidden states the memory reads, (3, T, d)
+        got, want = loaded(h), best(h)
+    assert got.shape == (*ids.shape, lm.model.config.vocab_size) and got.dtype == torch.float32
+    assert torch.equal(got, want)
     # a fresh process loads it for its base model and refuses a different one with a clear message
     r = _run(out, tmp_path / "model-llama")
     assert r.returncode == 0 and r.stdout.startswith("loaded"), r.stderr

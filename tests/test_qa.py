@@ -178,6 +178,34 @@ def fact_texts(n: int, seed: int = 0) -> list[str]:
             for i in range(n)]  # the river is every town's: a fact the datastore and the memory can learn
 
 
+def pretrained_model_dir(path, texts: list[str], steps: int = 80):
+    """A tiny Llama and its tokenizer, trained for a few seconds on ``texts`` (seeded): a base LM that knows the
+    corpus's one shared fact (every river is the Velda), so base exact match is above 0 and the QA checks below
+    compare systems that get some answers right."""
+    from helpers import make_model, make_tokenizer
+
+    tok = make_tokenizer(texts)
+    model = make_model("llama", len(tok))
+    ids = torch.tensor([t for x in texts for t in tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 33, (16,), generator=g)
+        x = torch.stack([ids[a:a + 33] for a in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# lambda fixed inside (0, 1) for kNN-LM and the memory: the mixtures differ from both of their parts
+QA_LAM = 0.5
+
+
 @pytest.fixture(scope="module")
 def qa_run(tmp_path_factory):
     from helpers import tiny_config
@@ -186,9 +214,9 @@ def qa_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qa")
     texts = fact_texts(90)
     write_corpus(tmp / "corpus.txt", texts)
-    make_model_dir(tmp / "model-llama", "llama", texts=texts)
+    pretrained_model_dir(tmp / "model-llama", texts)
     cfg = tiny_config(tmp, "llama", **{"qa.items": 12, "qa.min_prompt_words": 2, "qa.batch_size": 4,
-                                       "qa.max_new_tokens": 6, "train.epochs": 3})
+                                       "qa.max_new_tokens": 6, "train.epochs": 3, "eval.lam": QA_LAM})
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     assert main(["pipeline", "--config", str(tmp / "cfg.yaml")]) == 0
     assert main(["qa", "--config", str(tmp / "cfg.yaml")]) == 0
@@ -246,7 +274,9 @@ def test_qa_needs_a_finished_evaluation(qa_run, tmp_path):
 
 def test_exported_lm_eval_tasks_score_what_the_stage_scores(qa_run):
     """lm-eval's hf model on the exported tasks = the stage's base LM; lm-eval's mlpmem model (the memory attached
-    at the tuned lambda) = the stage's memory system: the same items, answers, tokens and metric."""
+    at the tuned lambda, here 0.5) = the stage's memory system: item by item the same greedy answers and answer
+    log-likelihoods, hence the same metrics. The base LM answers some items right, and at lambda 0.5 the memory
+    system's answers and likelihoods differ from the base LM's, so neither check holds by accident."""
     pytest.importorskip("lm_eval")
     import mlpmem.harness  # noqa: F401  (registers "mlpmem")
     from lm_eval import simple_evaluate
@@ -254,14 +284,28 @@ def test_exported_lm_eval_tasks_score_what_the_stage_scores(qa_run):
 
     tasks = qa_run / "run" / "qa" / "lm_eval"
     res = json.loads((qa_run / "run" / "qa" / "results.json").read_text())
-    assert res["sides"]["heldin"]["systems"]["memory"]["exact_match"]["mean"] > 0  # the check below means something
+    assert res["settings"]["memory"]["lam"] == QA_LAM
+    rows = {r["id"]: r for r in map(json.loads, (qa_run / "run" / "qa" / "predictions.jsonl").read_text().splitlines())}
+    for side in ("heldin", "heldout"):
+        assert res["sides"][side]["systems"]["base"]["exact_match"]["mean"] > 0  # some answers right
+    assert res["sides"]["heldin"]["systems"]["memory"]["exact_match"]["mean"] > 0
+    assert sum(r["memory"]["continuation"] != r["base"]["continuation"] for r in rows.values()) >= len(rows) // 4
+    assert max(abs(r["memory"]["loglik"] - r["base"]["loglik"]) for r in rows.values()) > 0.1
     model = f"pretrained={qa_run / 'model-llama'},dtype=float32"
     for lm_eval_model, args, system in (("hf", model, "base"),
                                         ("mlpmem", f"{model},memory={qa_run / 'run' / 'memory' / 'best'}", "memory")):
-        got = simple_evaluate(model=lm_eval_model, model_args=args, tasks=["mlpmem_qa"], batch_size=4, device="cpu",
-                              task_manager=TaskManager(include_path=str(tasks), include_defaults=False))["results"]
+        out = simple_evaluate(model=lm_eval_model, model_args=args, tasks=["mlpmem_qa"], batch_size=4, device="cpu",
+                              task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                              log_samples=True)
+        got, samples = out["results"], out["samples"]
         for side in ("heldin", "heldout"):
             want = res["sides"][side]["systems"][system]
+            gen, ll = samples[f"mlpmem_qa_{side}"], samples[f"mlpmem_qa_{side}_loglik"]
+            assert len(gen) == len(ll) == res["sides"][side]["items"]
+            for s in gen:  # lm-eval stops at the first newline; the stage keeps all its tokens
+                assert s["filtered_resps"][0] == rows[s["doc"]["id"]][system]["continuation"].split("\n")[0], s["doc"]
+            for s in ll:  # the stage rounds to 4 decimals
+                assert s["filtered_resps"][0][0] == pytest.approx(rows[s["doc"]["id"]][system]["loglik"], abs=2e-4)
             assert got[f"mlpmem_qa_{side}"]["exact_match,none"] == pytest.approx(want["exact_match"]["mean"])
             assert got[f"mlpmem_qa_{side}"]["f1,none"] == pytest.approx(want["f1"]["mean"])
             # lm-eval's perplexity aggregate is exp(-mean answer log-likelihood)

@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 from mlpmem.components.data import Window, batch_windows, plan_windows
 from mlpmem.components.trainer import STATE_NAME, BatchPlan, CheckpointMismatch, DivergenceWatch, is_distributed, \
-    lr_at, make_optimizer, total_steps, truncate_metrics
+    lr_at, make_optimizer, save_state, total_steps, truncate_metrics
 from mlpmem.config import FinetuneConfig
 from mlpmem.errors import ConfigError, StageError
+from mlpmem.disk import disk_errors
 from mlpmem.files import atomic_write_json, fingerprint, read_json, swapped_directory
 from mlpmem.runtime import fault_point, progress
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "trainable.safetensors"  # the trainable tensors only (all weights, or the LoRA A/B matrices)
 IGNORE = -100  # label of unscored and padded positions (torch's cross_entropy ignore_index)
+# what a checkpoint that failed for lack of disk space tells the user (the previous checkpoint is intact)
+RESUME_HINT = "free space and rerun the same command: fine-tuning resumes from the last checkpoint"
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -182,7 +185,8 @@ def validation_loss(model: torch.nn.Module, tokens: np.ndarray, windows: list[Wi
 def _save_best(path: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    with swapped_directory(path) as tmp:  # weights and their step/loss switch in together
+    # weights and their step/loss switch in together; a full disk is judged while the partial version fills it
+    with swapped_directory(path) as tmp, disk_errors(path, RESUME_HINT, written=tmp):
         save_file(trainable_state(model), str(tmp / WEIGHTS_NAME))
         atomic_write_json(tmp / "best.json", info)
 
@@ -190,9 +194,9 @@ def _save_best(path: Path, model: torch.nn.Module, info: dict[str, Any]) -> None
 def _save_last(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    with swapped_directory(path) as tmp:
+    with swapped_directory(path) as tmp, disk_errors(path, RESUME_HINT, written=tmp):
         save_file(trainable_state(model), str(tmp / WEIGHTS_NAME))
-        torch.save({"optimizer": opt.state_dict(), **state}, tmp / STATE_NAME)
+        save_state(tmp / STATE_NAME, {"optimizer": opt.state_dict(), **state})
         fault_point("finetune.checkpoint")  # written, not yet switched in
 
 
@@ -289,8 +293,8 @@ def finetune_lm(
             dist.broadcast(p.data, src=0)
 
     def log_line(rec: dict[str, Any]) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
+        if main:  # a line cut short by a full disk is dropped on resume, with the others after the checkpoint
+            with disk_errors(metrics_path, RESUME_HINT), open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def validate(at: int) -> float:

@@ -21,7 +21,7 @@ import torch
 
 from mlpmem.errors import ConfigError, StageError
 from mlpmem.files import atomic_file
-from mlpmem.runtime import progress as progress_bar
+from mlpmem.runtime import fault_point, progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
     """Write the index to a temporary file in the same directory, then rename: a crash never leaves half a file."""
     with atomic_file(path) as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        fault_point("index.write")  # written to the temporary file, not yet renamed
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:

@@ -15,10 +15,12 @@ and rerun ends bit-identical (on CPU) to an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,12 +34,15 @@ from mlpmem.config import TrainConfig
 from mlpmem.components.losses import memory_loss
 from mlpmem.components.memory import MLPMemory, check_state_dict, write_pretrained
 from mlpmem.errors import DivergedError, StageError
-from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint, swapped_directory
+from mlpmem.disk import disk_errors
+from mlpmem.files import atomic_file, atomic_write_json, atomic_write_text, fingerprint, swapped_directory
 from mlpmem.runtime import fault_point, progress
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.pt"
+# what a checkpoint that failed for lack of disk space tells the user (the previous checkpoint is intact)
+RESUME_HINT = "free space and rerun the same command: training resumes from the last checkpoint"
 
 
 # ----------------------------------------------------------------------------- inputs and targets
@@ -143,14 +148,22 @@ class CheckpointMismatch(StageError, ValueError):
 
 
 def _save_best(path: Path, memory: MLPMemory) -> None:
-    with swapped_directory(path) as tmp:
+    # a full disk is judged inside the swap, while the partial version still fills it (see disk.disk_errors)
+    with swapped_directory(path) as tmp, disk_errors(path, RESUME_HINT, written=tmp):
         write_pretrained(memory, tmp)
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save through a Python file: a full disk then keeps its OSError (ENOSPC) in the exception chain, where
+    torch's own file writer would leave only a RuntimeError ("unexpected pos ...")."""
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def _save_last(path: Path, memory: MLPMemory, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    with swapped_directory(path) as tmp:
+    with swapped_directory(path) as tmp, disk_errors(path, RESUME_HINT, written=tmp):
         write_pretrained(memory, tmp)
-        torch.save({"optimizer": opt.state_dict(), **state}, tmp / STATE_NAME)
+        save_state(tmp / STATE_NAME, {"optimizer": opt.state_dict(), **state})
         fault_point("train.checkpoint")  # written, not yet switched in
 
 
@@ -222,17 +235,43 @@ def is_distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+class StepTrace:
+    """Test hook, off unless MLPMEM_TRACE names a directory: each rank appends one JSON line per training step to
+    ``<dir>/train-rank<r>.jsonl`` with the positions its loss was actually computed on and that loss (this rank's
+    mean, before the gradient all-reduce), so a test sees what every rank really trained on."""
+
+    ENV = "MLPMEM_TRACE"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int) -> StepTrace | None:
+        d = os.environ.get(cls.ENV)
+        if not d:
+            return None  # the loop then passes no callback: steps pay nothing
+        Path(d).mkdir(parents=True, exist_ok=True)
+        return cls(Path(d) / f"train-rank{rank}.jsonl")
+
+    def record(self, step: int, pos: np.ndarray, loss: torch.Tensor) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "positions": pos.tolist(), "loss": loss.item()}) + "\n")
+
+
 def _step_loss(
     memory: MLPMemory, source: InputSource, targets: Targets, pos: np.ndarray, alpha: float, bf16: bool,
-    device: torch.device,
+    device: torch.device, trace: Callable[[np.ndarray, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean loss, kl, ce over ``pos`` (sorted first: memmap reads go faster in file order; the mean is unaffected)."""
+    """Mean loss, kl, ce over ``pos`` (sorted first: memmap reads go faster in file order; the mean is unaffected).
+    ``trace(pos, loss)``, if given, sees the positions read and the loss computed from them."""
     pos = np.sort(pos)
     x = source.hidden(pos).to(device, non_blocking=True)
     ids, probs, labels = (t.to(device, non_blocking=True) for t in targets.batch(pos))
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = memory(x)
     out = memory_loss(logits, ids, probs, labels, alpha)  # float32, outside autocast
+    if trace is not None:
+        trace(pos, out.loss)
     return out.loss, out.kl, out.ce
 
 
@@ -318,17 +357,19 @@ def train_memory(
         last_loss = float(st.get("train_loss", math.nan))
         resumed_acc = st.get("log_acc")
         log.info("resuming from %s at step %d/%d", last_dir, step, total)
-        if main:
-            truncate_metrics(metrics_path, step)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if step:
+            truncate_metrics(metrics_path, step)  # the lines a failed or killed run wrote after its checkpoint
+        else:
+            metrics_path.unlink(missing_ok=True)  # it failed before its first checkpoint: start the log over
     if ddp:  # every rank starts from rank 0's weights (they differ when ranks initialised with other seeds)
         for t in memory.state_dict().values():
             dist.broadcast(t, src=0)
 
     def log_line(rec: dict[str, Any]) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
+        if main:  # a line cut short by a full disk is dropped on resume, with the others after the checkpoint
+            with disk_errors(metrics_path, RESUME_HINT), open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def validate_and_select(at: int) -> None:
@@ -363,8 +404,8 @@ def train_memory(
         acc += torch.tensor(resumed_acc["sums"], dtype=torch.float32, device=device)
         acc_steps = int(resumed_acc["steps"])
     diverged = DivergenceWatch(device, "training", "train")
+    step_trace = StepTrace.from_env(rank)
 
-    seen = [0, 0]  # positions this rank trained on, and their sum: shows each rank took its own share
     fork_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):  # reseeding dropout must not leak into the caller's RNG
@@ -375,7 +416,8 @@ def train_memory(
                 glob = plan.positions(step)
                 mine = np.array_split(glob, world_size)[rank] if ddp else glob
                 torch.manual_seed((seed * 1_000_003 + step) * max(world_size, 1) + rank)
-                loss, kl, ce = _step_loss(memory, source, targets, mine, cfg.alpha, cfg.bf16, device)
+                fed = functools.partial(step_trace.record, step + 1) if step_trace is not None else None
+                loss, kl, ce = _step_loss(memory, source, targets, mine, cfg.alpha, cfg.bf16, device, fed)
                 # scale to a share of the global mean: summed over ranks the gradients equal single-process training
                 opt.zero_grad(set_to_none=True)
                 (loss * (len(mine) / len(glob))).backward()
@@ -390,8 +432,6 @@ def train_memory(
                 diverged.update(step + 1, stats[0], gnorm)
                 opt.step()
                 step += 1
-                seen[0] += len(mine)
-                seen[1] += int(mine.sum())
                 last = stats[0]
                 acc += torch.cat([stats, gnorm.detach().float().reshape(1)])
                 acc_steps += 1
@@ -423,14 +463,7 @@ def train_memory(
         last_loss = last.item()
     elapsed = time.perf_counter() - t0
     done = step - start_step
-    shares = torch.tensor([seen], dtype=torch.long, device=device)
-    if ddp:
-        parts = [torch.zeros_like(shares) for _ in range(world_size)]
-        dist.all_gather(parts, shares)
-        shares = torch.cat(parts)
-    shares = shares.cpu()
     return {
-        "rank_shares": [{"positions": int(n), "sum": int(t)} for n, t in shares.tolist()],
         "steps": step,
         "best_step": best_step,
         "best_val_loss": best_val,

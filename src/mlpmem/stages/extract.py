@@ -12,7 +12,10 @@ from there and produces files identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from mlpmem.stages import save_stage_config
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 8  # batches between checkpoints of a shard's progress
+TRACE_ENV = "MLPMEM_TRACE"  # test hook, off by default: see _trace
 
 
 def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str, data_fp: str) -> str:
@@ -63,6 +67,8 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
     bar.update(sum(w.end - w.score_from for w in windows[:done_w]))
     t0, n_new = time.perf_counter(), 0
     todo = windows[done_w:]
+    traced = os.environ.get(TRACE_ENV)
+    key_digest, span = (hashlib.sha256() if traced else None), None
     for bi, (ids, mask, group) in enumerate(batch_windows(tokens, todo, batch_size)):
         with torch.inference_mode():
             h = forward_hidden(lm.model, hook, ids.to(lm.device), mask.to(lm.device))
@@ -77,6 +83,9 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
                                  f"model at {hook}); use another --extract.hook or --model.dtype fp32")
             keys[w.score_from - start:w.end - start] = k16.cpu().numpy()
             n_new += w.end - w.score_from
+            if key_digest is not None:  # what this process computed, in row order
+                key_digest.update(k16.cpu().numpy().tobytes())
+                span = [span[0] if span else w.score_from, w.end]
         done_w += len(group)
         bar.update(sum(w.end - w.score_from for w in group))
         bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.0f}")
@@ -91,7 +100,28 @@ def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, sh
             "tokens_per_s": round(n_new / secs, 1) if secs > 0 else None}
     atomic_write_json(out / f".shard-{shard:05d}.json", {"fingerprint": fp, **info})
     prog.clear()
+    if traced:
+        _trace(traced, {"out": out.name, "shard": shard, "rows": span, "computed": n_new,
+                        "keys_sha256": key_digest.hexdigest(), "vals_sha256": hashlib.sha256(vals).hexdigest()})
     return info
+
+
+def _trace(directory: str, rec: dict) -> None:
+    """Test hook (MLPMEM_TRACE=<dir>): append ``rec``, what this process computed for one shard (the rows, sha256
+    digests of the keys and values it produced), to ``<dir>/extract-rank<r>.jsonl``."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with open(Path(directory) / f"extract-rank{dist_info().rank}.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _shard_whole(out: Path, sm: dict) -> bool:
+    """Whether a finished shard's files are still there whole (a deleted or truncated one is extracted again)."""
+    rows = sm["stop"] - sm["start"]
+    try:
+        vals = np.load(out / sm["vals"], mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return vals.shape == (rows,) and _reopen_keys(out / sm["keys"], rows) is not None
 
 
 def _reopen_keys(path: Path, rows: int) -> np.memmap | None:
@@ -123,7 +153,7 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
     upstream = {DATA: data_m["fingerprint"], **model_up}
     fp = fingerprint(extract_fingerprint(cfg, lm, str(hook), data_m["fingerprint"]), split, max_positions)
-    done = should_skip(out, "extract", fp, cfg.force, upstream)
+    done = should_skip(out, "extract", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     tokens, _ = load_split(cfg.run_dir, split, lm.identity["tokenizer_hash"])
@@ -145,7 +175,7 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     for s in mine:
         marker = out / f".shard-{s:05d}.json"
         sm = read_json(marker)
-        if sm and sm.get("fingerprint") == fp and (out / sm["keys"]).is_file() and not cfg.force:
+        if sm and sm.get("fingerprint") == fp and not cfg.force and _shard_whole(out, sm):
             log.info("extract: %s shard %d already complete", split, s)
             continue
         marker.unlink(missing_ok=True)
@@ -161,7 +191,8 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
     secs = sum(sm["seconds"] for sm in shards)
     save_stage_config(cfg, "extract", out)
     return write_manifest(
-        out, "extract", fp, upstream, split=split, model=lm.identity, dtype=cfg.model.dtype, hook=str(hook), dim=width,
+        out, "extract", fp, upstream, nested=("validation",), split=split, model=lm.identity, dtype=cfg.model.dtype,
+        hook=str(hook), dim=width,
         key_dtype="float16", val_dtype="int32", n_positions=n, window=cfg.to_dict()["window"],
         data_fingerprint=data_m["fingerprint"],
         shards=[{k: sm[k] for k in ("start", "stop", "keys", "vals")} for sm in shards],

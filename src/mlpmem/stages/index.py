@@ -30,7 +30,7 @@ def _index(cfg: Config) -> dict:
     spec = resolve_factory(cfg.index.factory, ds.n, ds.dim)
     ic = cfg.to_dict()["index"]
     fp = fingerprint("index", upstream, spec, {k: ic[k] for k in ("train_size", "add_chunk")}, cfg.seed, *ds.scope)
-    done = should_skip(out, "index", fp, cfg.force, upstream)
+    done = should_skip(out, "index", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     invalidate(out)

@@ -28,7 +28,7 @@ from mlpmem.components.memory import write_pretrained
 from mlpmem.config import Config
 from mlpmem.errors import StageError
 from mlpmem.files import fingerprint, remove_directory, swapped_directory
-from mlpmem.runtime import barrier, dist_info
+from mlpmem.runtime import barrier, dist_info, fault_point
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def run(cfg: Config) -> dict:
     settings = cfg.to_dict()["joint"]
     fp = fingerprint("joint", upstream, lm.identity["fingerprint"], settings, lam, mem_T, cfg.window.context,
                      cfg.window.stride, cfg.seed, dist.world_size)
-    done = should_skip(out, "joint", fp, cfg.force, upstream)
+    done = should_skip(out, "joint", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     rebuild = cfg.force or is_complete(out)
@@ -93,6 +93,7 @@ def run(cfg: Config) -> dict:
         if dist.is_main:
             model.detach()
             export_model(model.lm, lm.tokenizer, out / FINETUNED_MODEL)
+            fault_point("joint.export")  # the joint LM written, its memory not yet
             joint_lm = load_lm(dataclasses.replace(cfg.model, name=str((out / FINETUNED_MODEL).absolute()),
                                                    revision=None))
             meta = dict(memory.config.meta)

@@ -12,7 +12,10 @@ come from another run's datastore and index (same tokenizer and corpus), row-ali
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from mlpmem.runtime import barrier, broadcast_from_main, dist_info
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
+
+TRACE_ENV = "MLPMEM_TRACE"  # test hook, off by default: see TracedSink
 
 
 def run(cfg: Config) -> dict:
@@ -64,7 +69,7 @@ def run(cfg: Config) -> dict:
         upstream.update({DATA: verify_chain(cfg.run_dir, DATA, "prepare")["fingerprint"], **base_model(cfg)[1]})
     fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, auto, kc.distances, kc.store_ids,
                      kc.query_batch, cfg.index.nprobe, *ds.scope)
-    done = should_skip(out, "knn-targets", fp, cfg.force, upstream)
+    done = should_skip(out, "knn-targets", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
     if dist.is_main:
@@ -82,9 +87,13 @@ def run(cfg: Config) -> dict:
         rows = np.arange(sh["start"], sh["stop"], dtype=np.int64)
         prog = Progress(out / f".progress-{s:05d}.json", fp)
         sink = CsrSink(out, suffix[s], len(rows))  # a shard finished by a killed run only gets its header closed
-        stats[s] = compute_targets(index, ds.keys, ds.vals, sink, kc.k, temperature, kc.distances,
-                                   kc.query_batch, prog, rows=rows, show_progress=dist.is_main, max_ids=kc.store_ids)
+        traced = TracedSink(sink) if os.environ.get(TRACE_ENV) else None
+        stats[s] = compute_targets(index, ds.keys, ds.vals, traced if traced is not None else sink, kc.k,
+                                   temperature, kc.distances, kc.query_batch, prog, rows=rows,
+                                   show_progress=dist.is_main, max_ids=kc.store_ids)
         sink.close()
+        if traced is not None:
+            traced.write(Path(os.environ[TRACE_ENV]), dist.rank, s, sh["start"])
     n_val = 0
     if dist.is_main and has_val:
         # the teacher's keys of the same validation positions query the teacher's index (nothing to leave out)
@@ -116,6 +125,34 @@ def run(cfg: Config) -> dict:
         dropped_mass=sum(dropped) / sum(v["rows"] for v in stats.values()) if dropped else 0.0,
         bytes=train_bytes + sum(p.stat().st_size for p in (out / "validation").glob("*.npy")),
         bytes_per_position=train_bytes / ds.n)
+
+
+class TracedSink:
+    """Test hook (MLPMEM_TRACE=<dir>): passes a shard's rows on to its sink and digests what this process computed
+    (the rows, and per row the count, ids and float16 probs of its entries, in row order); ``write`` appends that to
+    ``<dir>/knn-targets-rank<r>.jsonl``."""
+
+    def __init__(self, sink: CsrSink):
+        self.sink, self.span = sink, None
+        self.digests = {k: hashlib.sha256() for k in ("counts", "ids", "probs")}
+
+    def __getattr__(self, name):  # restore, flush, state, close: the sink's own
+        return getattr(self.sink, name)
+
+    def append(self, first_row: int, ids: np.ndarray, probs: np.ndarray) -> None:
+        valid = ids >= 0
+        self.digests["counts"].update(valid.sum(1).astype(np.int64).tobytes())
+        self.digests["ids"].update(np.ascontiguousarray(ids[valid], dtype=np.int32).tobytes())
+        self.digests["probs"].update(np.ascontiguousarray(probs[valid], dtype=np.float16).tobytes())
+        self.span = [self.span[0] if self.span else first_row, first_row + len(ids)]
+        self.sink.append(first_row, ids, probs)
+
+    def write(self, directory: Path, rank: int, shard: int, row0: int) -> None:
+        rows = [row0 + r for r in self.span] if self.span else None  # global datastore rows
+        rec = {"shard": shard, "rows": rows, **{f"{k}_sha256": d.hexdigest() for k, d in self.digests.items()}}
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"knn-targets-rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 LAMBDA_GRID = [round(x, 2) for x in np.arange(0.0, 1.0001, 0.05)]
