@@ -8,6 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("MLPMEM_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the CLI's --threads null then leaves one thread (below), as do subprocesses
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 

@@ -1,6 +1,7 @@
 """The `mlpmem` command line: help, option precedence, clear errors (exit code 2) and no half-made artifacts."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,38 @@ def test_eval_base_prints_table_and_writes_results(tmp_path, assets, capsys):
     assert main(["eval", "--eval.systems", "base"] + common) == 0
     assert "| base |" in capsys.readouterr().out
     assert (run / "eval" / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_help_shows_declared_defaults_and_the_stages_own_sections_first(capsys):
+    """`auto`/null defaults are shown as declared, not as this machine resolves them; train's help opens with its
+    own sections."""
+    from mlpmem.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model.dtype STR" in text and "[default: auto]" in text
+    assert "bf16 natively, as --model.dtype auto). [default: None]" in text
+    groups = [g for g in ("train (this stage's own settings)", "memory (this stage's own settings)",
+                          "model (read from the model section)") if g in text]
+    assert len(groups) == 3 and [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
+
+
+def test_threads_default_to_every_usable_core_unless_omp_says_otherwise(monkeypatch):
+    import torch
+
+    from mlpmem.runtime import set_threads
+
+    old = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_threads(None)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

@@ -16,6 +16,16 @@ from mlpmem.errors import DiskSpaceError, UserError
 from mlpmem.stages import COMMANDS
 
 TOP_LEVEL = ["out_dir", "seed", "threads", "force"]
+# the config sections a command is about, listed first in its help (default: the section named like the command)
+OWN_SECTIONS = {"prepare": ("data",), "knn-targets": ("knn",), "train": ("train", "memory"),
+                "pipeline": (), "fetch-assets": ()}
+
+
+def declared_default(f) -> object:
+    """A config field's default as declared (not as resolved for this machine)."""
+    import dataclasses
+
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _type_name(tp) -> str:
@@ -34,22 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each stage writes under --out_dir with a manifest; rerunning skips finished work.")
     parser.add_argument("--version", action="store_true", help="Print the version and exit.")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    defaults = Config().to_dict()
     for stage, spec in COMMANDS.items():
         desc, sections = spec.description, spec.sections
         p = sub.add_parser(stage, help=desc, description=desc)
         p.add_argument("--config", help="YAML file with any of the sections below (flags override it).")
         p.add_argument("-v", "--verbose", action="store_true", help="Debug logging, and tracebacks on errors.")
         groups = {"": p.add_argument_group("run")}
-        for s in sections:
-            groups[s] = p.add_argument_group(s)
-        for name, f, tp in iter_options():
+        own = [s for s in OWN_SECTIONS.get(stage, (stage,)) if s in sections]
+        for s in own + [s for s in sections if s not in own]:  # the stage's own settings first
+            groups[s] = p.add_argument_group(f"{s} (this stage's own settings)" if s in own else
+                                             f"{s} (read from the {s} section)")
+        options = sorted(iter_options(), key=lambda o: list(groups).index(o[0].split(".")[0])
+                         if o[0].split(".")[0] in groups else 0)
+        for name, f, tp in options:
             section = name.split(".")[0] if "." in name else ""
             if section not in groups or (section == "" and name not in TOP_LEVEL):
                 continue
-            node = defaults
-            for part in name.split("."):
-                node = node[part]
+            node = declared_default(f)  # as declared: 'auto' stays 'auto' (resolved only when a config loads)
             choices = f.metadata.get("choices")
             hint = f" (one of: {', '.join(map(str, choices))})" if choices else ""
             groups[section].add_argument(

@@ -317,7 +317,8 @@ class GenerateConfig:
 class Config:
     out_dir: str = opt("runs/demo", "Run directory: every stage writes its artifacts and manifest under it.")
     seed: int = opt(42, "Global seed.")
-    threads: int | None = opt(None, "torch/faiss CPU threads (None: library default).")
+    threads: int | None = opt(None, "torch/faiss CPU threads (None: $OMP_NUM_THREADS if set, else every core "
+                              "this process may use).")
     force: bool = opt(False, "Redo a stage even if a matching complete manifest exists.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

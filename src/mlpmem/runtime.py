@@ -130,14 +130,19 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
-        try:
-            import faiss
+    """torch and faiss CPU threads: ``n``; None: OMP_NUM_THREADS if set (torchrun sets it per process), else every
+    core this process may run on."""
+    if not n and os.environ.get("OMP_NUM_THREADS"):
+        return  # the libraries read it themselves
+    if not n:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        import faiss
 
-            faiss.omp_set_num_threads(n)
-        except ImportError:
-            pass
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
 
 
 def setup_logging(verbose: bool = False) -> None:
