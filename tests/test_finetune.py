@@ -205,6 +205,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(assets, tuned, tmp_path):
     cfg = config(assets, tmp_path / "run", "llama", "lora", **{"finetune.lora_r": 4})
     prepare.run(cfg)
     (cfg.run_dir / "finetune").mkdir()
+    shutil.copy(src_cfg.run_dir / "finetune" / ".mlpmem-owner", cfg.run_dir / "finetune")  # finetune's directory
     shutil.copytree(src_cfg.run_dir / "finetune" / "last", cfg.run_dir / "finetune" / "last")  # r=16's adapters
     with pytest.raises(StageError, match="--force"):
         ft_stage.run(cfg)

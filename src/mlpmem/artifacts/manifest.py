@@ -91,7 +91,9 @@ def claim(d: str | Path, kind: str) -> None:
                          f"there: choose another {NAMED_BY.get(kind, '--out_dir')} for {kind}'s output "
                          "(--force does not change whose directory it is)")
     if who is None:
-        if d.is_dir() and any(d.iterdir()):  # not made by mlpmem (it marks a directory before writing into it)
+        # not made by mlpmem, which marks a directory before writing into it (hidden names are temporaries, e.g.
+        # another rank's mark being written)
+        if d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir()):
             raise StageError(f"{d} holds files mlpmem did not write, and mlpmem writes only into directories of "
                              f"its own: choose another {NAMED_BY.get(kind, '--out_dir')}, or move it away")
         if d.exists() and not d.is_dir():
