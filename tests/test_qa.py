@@ -334,3 +334,117 @@ def test_qa_on_a_fine_tuned_run_adds_the_fine_tuned_lm(qa_run, tmp_path):
     assert ll["base"] != ll["fine-tuned"]  # two different models answered
     vanilla = json.loads((qa_run / "run" / "qa" / "results.json").read_text())  # the same model as given
     assert res["model"]["fingerprint"] != vanilla["model"]["fingerprint"]
+
+
+# ----------------------------------------------------------------------------- the RAG baseline (--qa.rag)
+
+
+def test_bm25_retrieves_the_passage_holding_a_planted_answer():
+    from mlpmem.components.rag import BM25Index, passages
+
+    planted = "Quillon Abbey is in Westmark. It was founded in 1234 by Zora Quill, and has 12 farms. Its bells ring."
+    docs = fact_texts(40)
+    docs.insert(17, planted)
+    texts, owner = passages(docs, 12)
+    for d, doc in enumerate(docs):  # passages pack whole sentences, in order; all but the first led by the title
+        lead, *rest = [t for t, o in zip(texts, owner) if o == d]
+        title = sentences(doc)[0][1]
+        assert lead == title and all(t.startswith(title + " ") for t in rest)
+        assert " ".join([lead] + [t[len(title) + 1:] for t in rest]) == doc
+    assert sum(owner == 17) == 3 and max(len(t.split()) for t in texts) == 5 + 12
+    assert passages(["One two three four five. Six seven."], 3)[0] == ["One two three", "One two three four five.",
+                                                                         "One two three Six seven."]
+    item = next(it for it in document_items(planted, "train", 17, ["number"], 2) if it.answer == "1234")
+    index = BM25Index(texts)
+    top, none = index.search([item.prompt, "zzz qqq"], 3)
+    assert "1234" not in item.prompt and [owner[i] for i in top] == [17, 17, 17]
+    assert any("1234" in texts[i] for i in top)  # the held-in answer's passage, found by its title and words
+    assert none == []  # a question sharing no term with the corpus gets no passage
+    assert len(index.search(["bells"], 500)[0]) == 1  # k above the corpus size is capped, not an error
+
+
+def test_rag_prompt_fits_the_window_and_keeps_the_prompt_whole(small_lm):
+    from mlpmem.components.rag import rag_prompt
+    from helpers import make_texts
+
+    tok = small_lm.tokenizer
+    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    texts, prompt, target = make_texts(3, seed=5), "Doc 9: the river of", " light"
+    full, kept = rag_prompt(tok, texts, prompt, target, 10_000)
+    assert full == "\n".join(texts) + "\n\n" + prompt and kept == 3
+    for room in (n(prompt + target) + 12, n(full + target) - 5):
+        got, kept = rag_prompt(tok, texts, prompt, target, room)
+        assert n(got + target) <= room and got.endswith("\n\n" + prompt) and 1 <= kept <= 3
+        assert got.startswith(texts[0][:10])  # the best passage is the one kept; the cut is at the end
+        assert len(got) < len(full)
+    assert rag_prompt(tok, texts, prompt, target, n(prompt + target) + 1) == (prompt, 0)  # no room: the prompt
+    assert rag_prompt(tok, [], prompt, target, 10_000) == (prompt, 0)
+
+
+def test_rag_with_the_memory_at_lambda_0_is_rag(small_lm):
+    """rag+memory's greedy answers and answer log-likelihoods at lambda 0 are rag's; at a vanishing lambda (which
+    goes through the mixing logits processor) the greedy answers are still rag's."""
+    from types import SimpleNamespace
+
+    from helpers import make_texts
+    from mlpmem.components.answers import answer_scores, encode_pairs, greedy_continuations
+    from mlpmem.components.capture import resolve_hook
+    from mlpmem.components.rag import rag_prompt
+    from mlpmem.components.tuning import system_logprobs
+    from mlpmem.stages.qa import _mixture
+
+    lm, hook, mem = small_lm, resolve_hook(small_lm.model, "auto"), random_memory(small_lm)
+    texts = make_texts(4, seed=3)
+    items = [("Doc 1: alpha beta", " gamma"), ("Doc 22: the city", " river"), ("Doc 3: music", " and")]
+    prompts = [rag_prompt(lm.tokenizer, texts[i:i + 2], p, t, 120)[0] for i, (p, t) in enumerate(items)]
+    assert all(p != q for p, (q, _) in zip(prompts, items))  # passages were put before every prompt
+    V = lm.model.get_output_embeddings().weight.shape[0]
+    rag = greedy_continuations(lm, prompts, 4, 2)
+    for lam in (0.0, 1e-12):
+        mix = _mixture("rag+memory", {"lam": lam, "T_mem": 1.0}, mem, None, V)
+        assert greedy_continuations(lm, prompts, 4, 2, mix=mix, hook=hook) == rag
+    sc, _ = answer_scores(lm, encode_pairs(lm.tokenizer, prompts, [t for _, t in items]), 2, hook=hook, memory=mem,
+                          mem_temperatures=[1.0])
+    cfg = SimpleNamespace(eval=SimpleNamespace(knn_temperatures=[1.0], memory_temperatures=[1.0]))
+    assert np.array_equal(system_logprobs(sc, "memory", {"lam": 0.0, "T_mem": 1.0}, cfg), sc.lm)
+    assert not np.allclose(system_logprobs(sc, "memory", {"lam": 0.5, "T_mem": 1.0}, cfg), sc.lm)
+
+
+def test_qa_stage_reports_rag_on_both_sides_with_intervals_and_speeds(qa_run, tmp_path):
+    import shutil
+
+    from helpers import tiny_config
+    from mlpmem.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(qa_run / "run", run, symlinks=True)
+    shutil.rmtree(run / "qa")
+    base = json.loads((qa_run / "run" / "qa" / "results.json").read_text())
+    cfg = tiny_config(qa_run, "llama", out_dir=str(run), **{
+        "qa.items": 12, "qa.min_prompt_words": 2, "qa.batch_size": 4, "qa.max_new_tokens": 6, "train.epochs": 3,
+        "eval.lam": QA_LAM, "qa.rag": True, "qa.rag_k": 2, "qa.rag_passage_words": 20})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["qa", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    res = json.loads((run / "qa" / "results.json").read_text())
+    assert res["systems"] == base["systems"] + ["rag", "rag+memory"]
+    assert res["fingerprint"] != base["fingerprint"]  # the rag options enter the fingerprint only when on
+    assert res["settings"]["rag+memory"] == res["settings"]["memory"]  # eval's tuned memory setting
+    for side in ("heldin", "heldout"):
+        s = res["sides"][side]
+        for sys_ in ("rag", "rag+memory"):
+            for m in ("exact_match", "f1", "loglik"):
+                lo, hi = s["systems"][sys_][m]["ci95"]
+                assert lo <= s["systems"][sys_][m]["mean"] <= hi
+        assert {"rag vs base", "memory vs rag", "rag+memory vs rag"} <= set(s["comparisons"])
+        for sys_ in ("base", "memory"):  # the systems without retrieval answer exactly as without --qa.rag
+            assert s["systems"][sys_]["exact_match"] == base["sides"][side]["systems"][sys_]["exact_match"]
+    sp, r = res["speed"], res["rag"]
+    assert set(sp) == set(res["systems"]) and all(v["items_per_s"] > 0 for v in sp.values())
+    assert sp["rag"]["seconds"] >= r["retrieve_seconds"] > 0 and r["passages"] > 0 and r["k"] == 2
+    assert sp["rag"]["prompt_tokens"] > sp["base"]["prompt_tokens"]  # the passages are in the prompt
+    assert sp["rag"]["prompt_tokens"] <= cfg.window.context - cfg.qa.max_new_tokens
+    assert 0 < r["answer_in_passages"]["heldin"] <= 1 and 0 < r["mean_passages_kept"] <= 2
+    rows = [json.loads(x) for x in (run / "qa" / "predictions.jsonl").read_text().splitlines()]
+    assert all("rag" in row and "rag+memory" in row and len(row["rag_passages"]) <= 2 for row in rows)
+    table = (run / "qa" / "results.md").read_text()
+    assert "| RAG (BM25, top 2) |" in table and "answers/s" in table and "| RAG − base LM |" in table

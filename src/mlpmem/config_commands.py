@@ -75,10 +75,15 @@ class ExportConfig:
     joint: bool = opt(False, "Export the memory trained jointly with its LM (`mlpmem joint`) instead of memory/.")
     push_to: str | None = opt(None, "Also upload the folder to this Hub repo id (user/name; needs a token).")
     private: bool = opt(True, "Create the Hub repo private.")
+    dtype: str = opt("fp32", "Weights dtype of the exported memory (fp16 halves the folder; loaders cast it to the "
+                     "base model's dtype).", ("fp32", "fp16"))
+    license: str | None = opt(None, "License id for the model card (e.g. apache-2.0; None: the base model's when "
+                              "known, else the placeholder 'other' / base-model-license-unknown).")
 
     def validate(self, p: str) -> None:
         _check(self.push_to is None or self.push_to.count("/") == 1, f"{p}.push_to",
                f"must be a Hub repo id user/name, got {self.push_to!r}")
+        _check(self.dtype in ("fp32", "fp16"), f"{p}.dtype", f"must be fp32 or fp16, got {self.dtype!r}")
 
 
 QA_KINDS = ("number", "name")
@@ -95,9 +100,15 @@ class QaConfig:
     max_new_tokens: int = opt(10, "Greedy tokens generated per item (the prediction is its first n words, n the "
                               "answer's).")
     batch_size: int = opt(16, "Items per forward pass.")
+    rag: bool = opt(False, "Also answer with retrieval: BM25 (bm25s) over the train documents' passages, the top "
+                    "--qa.rag_k put before the prompt, for the run's LM alone (rag) and with the memory at eval's "
+                    "tuned setting (rag+memory); their answers per second include retrieval.")
+    rag_k: int = opt(3, "Passages retrieved per question (--qa.rag); cut from the lowest-ranked to fit the window.")
+    rag_passage_words: int = opt(100, "Words per passage of the retrieval corpus (--qa.rag): whole sentences "
+                                 "packed up to this many.")
 
     def validate(self, p: str) -> None:
-        for n in ("items", "per_doc", "max_new_tokens", "batch_size"):
+        for n in ("items", "per_doc", "max_new_tokens", "batch_size", "rag_k", "rag_passage_words"):
             _check(getattr(self, n) >= 1, f"{p}.{n}", f"must be >= 1, got {getattr(self, n)}")
         _check(self.min_prompt_words >= 0, f"{p}.min_prompt_words", "must be >= 0")
         _check(len(self.kinds) > 0 and set(self.kinds) <= set(QA_KINDS), f"{p}.kinds",

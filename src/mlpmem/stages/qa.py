@@ -4,7 +4,10 @@ Items come from this run's prepared train documents (held in: the datastore and 
 and test documents (held out: a control). Each system answers greedily and is scored by exact match and token F1;
 the given answer's log-likelihood is scored too. Systems: the base LM, the fine-tuned LM when the run has one, and
 kNN-LM, the memory and both mixed into the run's LM at the settings `mlpmem eval` tuned on validation perplexity
-(nothing is tuned on the QA items). Intervals resample documents. Writes ``qa/items.jsonl``,
+(nothing is tuned on the QA items). With --qa.rag, two more: RAG (BM25 over the train documents' passages, the
+top --qa.rag_k put before the prompt; see :mod:`mlpmem.components.rag`) on the run's LM, and the same prompts with
+the memory mixed in; each system's answers per second (RAG's including retrieval) are reported with its metrics, so
+one run compares the memory's speed and accuracy with RAG's. Intervals resample documents. Writes ``qa/items.jsonl``,
 ``qa/predictions.jsonl``, ``qa/results.json``, ``qa/results.md`` and the items as lm-eval tasks in ``qa/lm_eval/``.
 Each system's answers are saved as soon as they are made, so an interrupted run resumes with the next system.
 """
@@ -22,8 +25,9 @@ from mlpmem.artifacts import DATA, base_model, invalidate, load_eval_results, lo
 from mlpmem.components.answers import Mixture, answer_scores, encode_pairs, greedy_continuations
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.lm import LoadedLM, load_lm
-from mlpmem.components.qa import SIDES, Item, bootstrap_means, exact_match, mine_items, prediction, token_f1, \
-    write_lm_eval_tasks
+from mlpmem.components.qa import SIDES, Item, bootstrap_means, exact_match, mine_items, normalize, prediction, \
+    token_f1, write_lm_eval_tasks
+from mlpmem.components.rag import SEP, BM25Index, passages, rag_prompt
 from mlpmem.components.tuning import system_logprobs
 from mlpmem.config import Config
 from mlpmem.errors import StageError
@@ -36,8 +40,9 @@ log = logging.getLogger(__name__)
 QA = "qa"
 TASK = "mlpmem_qa"
 MIXTURES = ("knn", "memory", "memory+knn")
+RAG = ("rag", "rag+memory")  # over the run's LM, like the mixtures; rag+memory at the memory's tuned setting
 LABELS = {"base": "base LM", "fine-tuned": "fine-tuned LM", "knn": "kNN-LM", "memory": "memory",
-          "memory+knn": "memory + kNN-LM"}
+          "memory+knn": "memory + kNN-LM", "rag": "RAG", "rag+memory": "RAG + memory"}
 METRICS = {"exact_match": "EM", "f1": "F1", "loglik": "answer log-lik"}
 
 
@@ -59,7 +64,7 @@ def documents(cfg: Config, split: str, tokenizer, tokenizer_hash: str) -> list[s
     return docs
 
 
-def _items(cfg: Config, lm: LoadedLM) -> list[Item]:
+def _items(cfg: Config, lm: LoadedLM, docs_of: dict[str, list[str]]) -> list[Item]:
     q, tok = cfg.qa, lm.tokenizer
     room = cfg.window.context - q.max_new_tokens
 
@@ -68,7 +73,7 @@ def _items(cfg: Config, lm: LoadedLM) -> list[Item]:
 
     items = []
     for split in SIDES:
-        docs = documents(cfg, split, tok, lm.identity["tokenizer_hash"])
+        docs = docs_of[split]
         got = mine_items(docs, split, q.items, q.per_doc, q.kinds, q.min_prompt_words, cfg.seed, keep=fits)
         if not got:
             raise StageError(f"qa: no items in the {split} split's {len(docs)} documents: they hold no "
@@ -83,13 +88,45 @@ def _items(cfg: Config, lm: LoadedLM) -> list[Item]:
 
 def _systems(cfg: Config, settings: dict, finetuned: bool) -> list[str]:
     have = [s for s in MIXTURES if s in settings and settings[s]]
-    return ["base"] + (["fine-tuned"] if finetuned else []) + have
+    rag = (["rag"] + (["rag+memory"] if settings.get("memory") else [])) if cfg.qa.rag else []
+    return ["base"] + (["fine-tuned"] if finetuned else []) + have + rag
+
+
+def _setting(s: str, settings: dict) -> dict:
+    return settings.get("memory", {}) if s == "rag+memory" else settings.get(s, {})
+
+
+def _rag(cfg: Config, tokenizer, train_docs: list[str], items: list[Item]) -> dict:
+    """Each item's RAG prompt (its top --qa.rag_k train passages by BM25 on its prompt, cut to fit the window),
+    the seconds spent indexing (once) and retrieving + assembling (per question, counted in RAG's speed), and
+    whether the answer is in the passages the model sees."""
+    q = cfg.qa
+    t0 = time.perf_counter()
+    texts, _ = passages(train_docs, q.rag_passage_words)
+    index = BM25Index(texts)
+    t1 = time.perf_counter()
+    room = cfg.window.context - q.max_new_tokens
+    hits = index.search([it.prompt for it in items], q.rag_k)
+    prompts, kept = [], []
+    for it, ids in zip(items, hits):
+        p, n = rag_prompt(tokenizer, [texts[i] for i in ids], it.prompt, it.target, room)
+        prompts.append(p)
+        kept.append(ids[:n])
+    t2 = time.perf_counter()
+    found = [f" {normalize(it.answer)} " in f" {normalize(p[:len(p) - len(SEP + it.prompt)] if k else '')} "
+             for it, p, k in zip(items, prompts, kept)]
+    log.info("qa rag: %d passages indexed in %.2fs; %d questions retrieved and assembled in %.2fs", len(texts),
+             t1 - t0, len(items), t2 - t1)
+    return {"prompts": prompts, "passages": kept, "found": np.array(found, dtype=np.float64),
+            "summary": {"k": q.rag_k, "passage_words": q.rag_passage_words, "passages": len(texts),
+                        "index_seconds": round(t1 - t0, 3), "retrieve_seconds": round(t2 - t1, 3),
+                        "mean_passages_kept": round(float(np.mean([len(k) for k in kept])), 3)}}
 
 
 def _mixture(system: str, setting: dict, memory, knn, vocab: int) -> Mixture:
     if system == "knn":
         return Mixture(lam_knn=setting["lam"], knn=lambda h: knn.logprobs(h, setting["T"], vocab))
-    if system == "memory":
+    if system in ("memory", "rag+memory"):
         return Mixture(lam_mem=setting["lam"], memory=memory, mem_temperature=setting["T_mem"])
     return Mixture(lam_mem=setting["lam_mem"], lam_knn=setting["lam_knn"], memory=memory,
                    mem_temperature=setting["T_mem"], knn=lambda h: knn.logprobs(h, setting["T"], vocab))
@@ -108,22 +145,24 @@ def _qa(cfg: Config) -> dict:
     finetuned = bool(model_up)
     lm = load_lm(mcfg)
     upstream = {DATA: data_m["fingerprint"], cfg.eval.out_name: eval_m["fingerprint"], **model_up}
-    fp = fingerprint("qa", upstream, lm.identity["fingerprint"], cfg.to_dict()["qa"], cfg.to_dict()["window"]
-                     ["context"], cfg.model.dtype, cfg.seed)
+    qa_opts = {k: v for k, v in cfg.to_dict()["qa"].items() if cfg.qa.rag or not k.startswith("rag")}
+    fp = fingerprint("qa", upstream, lm.identity["fingerprint"], qa_opts, cfg.to_dict()["window"]["context"],
+                     cfg.model.dtype, cfg.seed)  # the rag options only when on: results without RAG stay valid
     done = should_skip(out, "qa", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         print(done["table"])
         return done
     invalidate(out)
     t_start = time.time()
-    items = _items(cfg, lm)
+    docs = {split: documents(cfg, split, lm.tokenizer, lm.identity["tokenizer_hash"]) for split in SIDES}
+    items = _items(cfg, lm, docs)
     atomic_write_text(out / "items.jsonl", "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n"
                                                    for it in items))
     systems = _systems(cfg, settings, finetuned)
     lm_name = "fine-tuned" if finetuned else "base"
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     memory = knn = None
-    if any(s in ("memory", "memory+knn") for s in systems):
+    if any(s in ("memory", "memory+knn", "rag+memory") for s in systems):
         memory, _ = load_memory(cfg.run_dir, lm, hook, required=True)
     if any(s in ("knn", "memory+knn") for s in systems):
         knn = open_knn(cfg, lm, hook)
@@ -147,6 +186,22 @@ def _qa(cfg: Config) -> dict:
         base_lm = load_lm(cfg.model)
         sc0, owner0 = answer_scores(base_lm, encode_pairs(base_lm.tokenizer, prompts, targets), cfg.qa.batch_size)
         loglik["base"] = np.bincount(owner0, weights=sc0.lm, minlength=len(items))
+    prompt_of = {s: prompts for s in systems}
+    prompt_tokens = {s: float(np.mean([len(c) for c, _ in pairs])) for s in systems}
+    rag = None
+    if cfg.qa.rag:  # the answers' log-likelihood given the RAG prompts, the run's LM alone and with the memory
+        rag = _rag(cfg, lm.tokenizer, docs["train"], items)
+        rag_pairs = encode_pairs(lm.tokenizer, rag["prompts"], targets)
+        with_mem = "rag+memory" in systems
+        sc_r, owner_r = answer_scores(lm, rag_pairs, cfg.qa.batch_size, hook=hook if with_mem else None,
+                                      memory=memory if with_mem else None,
+                                      mem_temperatures=[settings["memory"]["T_mem"]] if with_mem else (1.0,))
+        loglik["rag"] = np.bincount(owner_r, weights=sc_r.lm, minlength=len(items))
+        if with_mem:
+            lp = system_logprobs(sc_r, "memory", settings["memory"], cfg)
+            loglik["rag+memory"] = np.bincount(owner_r, weights=lp, minlength=len(items))
+        for s in RAG:
+            prompt_of[s], prompt_tokens[s] = rag["prompts"], float(np.mean([len(c) for c, _ in rag_pairs]))
 
     # Greedy answers, one system at a time, each saved as soon as it is made.
     vocab = lm.model.get_output_embeddings().weight.shape[0]
@@ -158,19 +213,32 @@ def _qa(cfg: Config) -> dict:
             preds[s], seconds[s] = saved["continuations"], saved["seconds"]
             continue
         t0 = time.time()
-        mix = _mixture(s, settings[s], memory, knn, vocab) if s in MIXTURES else None
-        preds[s] = greedy_continuations(base_lm if s == "base" else lm, prompts, cfg.qa.max_new_tokens,
+        mix = _mixture(s, _setting(s, settings), memory, knn, vocab) if s in MIXTURES + ("rag+memory",) else None
+        preds[s] = greedy_continuations(base_lm if s == "base" else lm, prompt_of[s], cfg.qa.max_new_tokens,
                                         cfg.qa.batch_size, mix=mix, hook=hook, desc=f"qa {s}")
         seconds[s] = round(time.time() - t0, 2)
         log.info("qa %s: %d items in %.1fs", s, len(items), seconds[s])
         atomic_write_json(part, {"fingerprint": fp, "continuations": preds[s], "seconds": seconds[s]})
 
     res = _summarise(items, systems, lm_name, preds, loglik, cfg.seed)
-    res.update(settings={s: settings.get(s, {}) for s in systems}, lm=lm_name, model=lm.identity,
+    # Speed: greedy answering of every item, one system after another in this process; RAG's retrieval and prompt
+    # assembly counted (its index, built once, is not, like the memory's training and the datastore's index).
+    retrieve = rag["summary"]["retrieve_seconds"] if rag else 0.0
+    speed = {}
+    for s in systems:
+        total = seconds[s] + (retrieve if s in RAG else 0.0)
+        speed[s] = {"seconds": round(total, 3), "items_per_s": round(len(items) / max(total, 1e-9), 3),
+                    "prompt_tokens": round(prompt_tokens[s], 1)}
+    res.update(settings={s: _setting(s, settings) for s in systems}, lm=lm_name, model=lm.identity,
                data={"source": cfg.data.source, "fingerprint": data_m["fingerprint"]}, seconds=seconds,
-               fingerprint=fp, qa=cfg.to_dict()["qa"])
+               speed=speed, device=str(lm.device), batch_size=cfg.qa.batch_size, fingerprint=fp,
+               qa=cfg.to_dict()["qa"])
+    if rag:
+        found = {side: round(float(rag["found"][[it.split == split for it in items]].mean()), 4)
+                 for split, side in SIDES.items() if any(it.split == split for it in items)}
+        res["rag"] = {**rag["summary"], "answer_in_passages": found}
     table = qa_table(res)
-    _write_predictions(out, items, systems, preds, loglik)
+    _write_predictions(out, items, systems, preds, loglik, rag["passages"] if rag else None)
     atomic_write_json(out / "results.json", res)
     atomic_write_text(out / "results.md", f"# mlpmem corpus-knowledge QA\n\n{table}\n")
     tasks = write_lm_eval_tasks(out / "lm_eval", items, TASK, cfg.qa.max_new_tokens)
@@ -186,6 +254,8 @@ def _summarise(items: list[Item], systems: list[str], lm_name: str, preds: dict,
     pairs = [(s, lm_name) for s in systems if s in MIXTURES]
     pairs += [("fine-tuned", "base")] if lm_name == "fine-tuned" else []
     pairs += [(a, "knn") for a in ("memory", "memory+knn") if a in systems and "knn" in systems]
+    if "rag" in systems:
+        pairs += [("rag", lm_name)] + [(a, "rag") for a in ("memory", "rag+memory") if a in systems]
     sides = {}
     for split, side in SIDES.items():
         idx = np.array([i for i, it in enumerate(items) if it.split == split])
@@ -211,10 +281,12 @@ def _summarise(items: list[Item], systems: list[str], lm_name: str, preds: dict,
     return {"systems": systems, "sides": sides}
 
 
-def _write_predictions(out, items, systems, preds, loglik) -> None:
+def _write_predictions(out, items, systems, preds, loglik, retrieved=None) -> None:
     rows = []
     for i, it in enumerate(items):
         row = {"id": it.id, "answer": it.answer}
+        if retrieved is not None:
+            row["rag_passages"] = retrieved[i]  # the passage ids the RAG prompt holds, best first
         for s in systems:
             p = prediction(preds[s][i], it.answer)
             row[s] = {"prediction": p, "continuation": preds[s][i], "exact_match": exact_match(p, it.answer),
@@ -233,26 +305,44 @@ def _fmt(metric: str, m: dict, diff: bool = False) -> str:
 
 def _label(s: str, res: dict) -> str:
     st = res["settings"].get(s) or {}
-    over = " (on the fine-tuned LM)" if res["lm"] == "fine-tuned" and s in MIXTURES else ""
+    over = " (on the fine-tuned LM)" if res["lm"] == "fine-tuned" and s in MIXTURES + RAG else ""
+    if s == "rag":
+        return f"{LABELS[s]}{over} (BM25, top {res['rag']['k']})"
     if s == "memory+knn":
         return f"{LABELS[s]}{over} (λ_mem {st['lam_mem']:g}, λ_kNN {st['lam_knn']:g})"
     return f"{LABELS[s]}{over} (λ {st['lam']:g})" if "lam" in st else LABELS[s]
 
 
 def qa_table(res: dict) -> str:
-    """Markdown: each system's EM, F1 (%) and mean answer log-likelihood (nats) per side with 95% intervals, then
-    the paired differences (points of EM/F1, nats)."""
+    """Markdown: each system's EM, F1 (%) and mean answer log-likelihood (nats) per side with 95% intervals and its
+    greedy answers per second (when recorded), then the paired differences (points of EM/F1, nats)."""
     sides = [s for s in ("heldin", "heldout") if s in res["sides"]]
     name = {"heldin": "held-in", "heldout": "held-out"}
     cols = [f"{name[sd]} {METRICS[m]}" for sd in sides for m in METRICS]
+    speed = res.get("speed") or {}
     counts = ", ".join(f"{name[sd]}: {res['sides'][sd]['items']} items from {res['sides'][sd]['documents']} "
                        "documents" for sd in sides)
+    extra = ["answers/s", "prompt tokens"] if speed else []
     lines = [f"Corpus-knowledge QA ({counts}); EM and F1 in %, answer log-likelihood in nats per answer; 95% "
-             "intervals resample documents.", "", "| system | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+             "intervals resample documents.", "", "| system | " + " | ".join(cols + extra) + " |",
+             "|---" * (len(cols) + len(extra) + 1) + "|"]
     for s in res["systems"]:
         cells = [_fmt(m, res["sides"][sd]["systems"][s][m]) for sd in sides for m in METRICS]
+        if speed:
+            cells += [f"{speed[s]['items_per_s']:.2f}", f"{speed[s]['prompt_tokens']:.0f}"]
         lines.append(f"| {_label(s, res)} | " + " | ".join(cells) + " |")
+    if speed:
+        n = sum(res["sides"][sd]["items"] for sd in sides)
+        note = (f"Answers/s: greedy answers to all {n} items (batches of {res.get('batch_size', '?')}, on "
+                f"{res.get('device', '?')}), each system in turn in this run")
+        rag = res.get("rag")
+        if rag:
+            found = ", ".join(f"{name[sd]} {100 * v:.0f}%" for sd, v in rag["answer_in_passages"].items())
+            note += (f"; RAG's include BM25 retrieval and prompt assembly ({rag['retrieve_seconds']:.2f}s), not "
+                     f"indexing its {rag['passages']} passages of ≤{rag['passage_words']} words "
+                     f"({rag['index_seconds']:.2f}s, once). The answer is in the passages RAG shows for {found} "
+                     f"of the items (mean {rag['mean_passages_kept']:.1f} passages kept)")
+        lines += ["", note + "."]
     comps = list(res["sides"][sides[0]]["comparisons"])
     if comps:
         lines += ["", "| difference | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
