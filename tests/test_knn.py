@@ -9,7 +9,7 @@ import torch
 import mlpmem.components.knn as knn
 from mlpmem.components.index import build_index
 from mlpmem.components.knn import (compute_targets, knn_gold_logprobs, leave_one_out_mask, neighbour_weights,
-                        recompute_distances, renormalise_float16, sparse_knn_distribution)
+                        recompute_distances, renormalise_float16, same_document_mask, sparse_knn_distribution)
 from mlpmem.components.sparse import CsrRows, CsrSink, FixedWidthSink
 from mlpmem.files import Progress
 
@@ -271,3 +271,90 @@ def test_compute_targets_k_too_large(store, tmp_path):
                                                             np.zeros((3000, 4), np.float16)),
                         k=3001, temperature=1.0, distances="index", query_batch=100,
                         progress=Progress(tmp_path / "p.json", "x"), show_progress=False)
+
+
+# ----------------------------------------------------------------------------- leaving out the query's document
+
+def test_same_document_mask():
+    starts = np.array([0, 3, 4, 10])  # documents [0, 3), [3, 4), [4, 10); 10 is the stream length
+    I = np.array([[0, 2, 3, -1], [3, 2, 4, 9], [9, 4, 5, 3]])
+    got = same_document_mask(I, np.array([1, 3, 7]), starts)
+    np.testing.assert_array_equal(got, [[True, True, False, False], [True, False, False, False],
+                                        [True, True, True, False]])
+
+
+@pytest.fixture(scope="module")
+def doc_store():
+    """1200 fp16 keys in 25 documents of random lengths, each document's keys around its own centre (so many
+    neighbours lie in the query's document), one far-off document of 60 rows (every neighbour of its rows within
+    it: they end up with no neighbour at all), and a flat index."""
+    rng = np.random.default_rng(11)
+    lens = rng.integers(1, 60, 24)
+    lens[3] = 60  # the far-off document
+    lens = np.append(lens, 1200 - lens.sum())
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    doc = np.repeat(np.arange(len(lens)), lens)
+    centres = rng.standard_normal((len(lens), 8)) * 1.5
+    keys = centres[doc] + rng.standard_normal((1200, 8))
+    keys[starts[3]:starts[4]] += 200.0
+    vals = rng.integers(0, 30, 1200).astype(np.int32)
+    keys = keys.astype(np.float16)
+    index = build_index([keys], "Flat", 1200, 1200, 0, use_gpu="no", progress=False)
+    return keys, vals, index, starts
+
+
+def test_document_exclusion_matches_dense_reference(doc_store, tmp_path):
+    """Sparse targets with --knn.exclude document = softmax over the k + 1 nearest minus every same-document row
+    (the own row included), scattered densely; stats count what the document rule took away."""
+    keys, vals, index, starts = doc_store
+    N, k, T, V = len(keys), 16, 3.0, 30
+    sink = CsrSink(tmp_path, "", N)
+    stats = compute_targets(index, [keys], vals, sink, k=k, temperature=T, distances="exact", query_batch=256,
+                            progress=Progress(tmp_path / "p.json", "doc"), show_progress=False, doc_starts=starts)
+    sink.close()
+    ids, probs = _fixed(tmp_path)
+
+    x = keys.astype(np.float64)
+    D = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # (N, N) exact
+    I = np.argsort(D, 1, kind="stable")[:, :k + 1]  # what the flat index returns
+    Dk = np.take_along_axis(D, I, 1)
+    doc = np.searchsorted(starts, np.arange(N), side="right") - 1
+    same = doc[I] == doc[:, None]
+    own = I == np.arange(N)[:, None]
+    keep = ~same & (np.cumsum(~same, 1) <= k)
+    ref = dense_reference(Dk, np.where(keep, I, -1), vals, T, None, V)
+    np.testing.assert_allclose(densify(ids, probs.astype(np.float64), V), ref, atol=2e-3)
+
+    # no kept neighbour shares the query's document; rows with all k + 1 hits in their document are empty
+    empty = ~keep.any(1)
+    assert empty.sum() >= 60 and (ids[empty] == -1).all() and (probs[empty] == 0).all()
+    assert (ids[~empty, 0] >= 0).all()
+    by_id = ~own & (np.cumsum(~own, 1) <= k)  # leave-one-out by id: today's neighbours
+    lost = by_id & same
+    assert stats["dropped_same_doc"] == pytest.approx(lost.sum(1).mean())
+    w = np.exp(-(Dk - Dk.min(1, keepdims=True)) / T) * by_id
+    w = w / w.sum(1, keepdims=True)
+    assert stats["dropped_same_doc_mass"] == pytest.approx((w * lost).sum(1).mean(), rel=1e-4)
+    assert 0.2 < stats["dropped_same_doc_mass"] < 1
+    assert stats["mean_neighbours"] == pytest.approx(keep.sum(1).mean())
+    assert stats["empty_fraction"] == pytest.approx(empty.mean())
+
+
+def test_document_exclusion_with_one_row_documents_is_leave_one_out(store, tmp_path):
+    """With every row its own document the document rule drops only the own id: the same bytes as leave-one-out
+    by id, which is what --knn.exclude position (no doc_starts) still computes."""
+    shards, vals, index = store
+    N = index.ntotal
+    out = {}
+    for name, starts in (("position", None), ("document", np.arange(N + 1))):
+        d = tmp_path / name
+        sink = CsrSink(d, "", N)
+        st = compute_targets(index, shards, vals, sink, k=16, temperature=5.0, distances="exact", query_batch=500,
+                             progress=Progress(d / "p.json", name), show_progress=False, max_ids=12,
+                             doc_starts=starts)
+        sink.close()
+        out[name] = (b"".join((d / f"{n}.npy").read_bytes() for n in ("offsets", "ids", "probs")), st)
+    assert out["position"][0] == out["document"][0]
+    assert "dropped_same_doc" not in out["position"][1]
+    assert out["document"][1]["dropped_same_doc"] == 0 and out["document"][1]["empty_fraction"] == 0
+    assert out["document"][1]["mean_neighbours"] == 16

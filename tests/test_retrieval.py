@@ -279,6 +279,60 @@ def test_rerun_skips_changed_config_is_refused_force_rebuilds(assets, base_run, 
     assert targets.run(config(assets, run, **{"knn.temperature": 2.0})) == m
 
 
+def test_targets_can_leave_out_the_whole_document(assets, base_run, tmp_path):
+    """--knn.exclude document: no train position keeps a neighbour from its own document (the repeated document's
+    twins in the other copy stay), the rest is the leave-one-out rule; validation targets are unchanged; the
+    default keeps the fingerprint made before the option existed."""
+    from mlpmem.artifacts import load_offsets
+    from mlpmem.files import fingerprint
+
+    base = json.loads((base_run / "targets" / "manifest.json").read_text())
+    cfg0 = config(assets, base_run)
+    assert cfg0.knn.exclude == "position" and base["exclude"] == "position" and "dropped_same_doc" not in base
+    old_fp = fingerprint("knn-targets", base["upstream"], cfg0.knn.k, cfg0.knn.temperature, None,
+                         cfg0.knn.distances, cfg0.knn.store_ids, cfg0.knn.query_batch, cfg0.index.nprobe,
+                         *Datastore(base_run).scope)
+    assert base["fingerprint"] == old_fp
+
+    run = copy_run(base_run, tmp_path / "run", ("data", "datastore", "index"))
+    cfg = config(assets, run, **{"knn.exclude": "document"})
+    m = targets.run(cfg)
+    assert m["exclude"] == "document" and m["fingerprint"] != base["fingerprint"] and "data" in m["upstream"]
+    assert m["dropped_same_doc"] > 1 and 0 < m["dropped_same_doc_mass"] < 1
+    assert m["mean_neighbours"] < cfg.knn.k
+    ds, tg = Datastore(run), TargetStore(run)
+    starts = load_offsets(run, "train")
+    doc = np.repeat(np.arange(len(starts) - 1), np.diff(starts))[:ds.n]  # each row's document, counted out
+    keys = np.concatenate([np.asarray(k) for k in ds.keys])
+    k, T = cfg.knn.k, cfg.knn.temperature
+    # the reference searches the stage's index in the stage's blocks (near-identical keys tie, and a tie broken
+    # otherwise at the (k + 1)-th hit would change the row), then leaves out the whole document by hand
+    from mlpmem.artifacts import open_index
+    from mlpmem.components.index import search
+
+    index, _ = open_index(run, cfg.index.nprobe)
+    qb = cfg.knn.query_batch
+    hits = np.concatenate([search(index, keys[s:s + qb], k + 1)[1] for s in range(0, ds.n, qb)])
+    other = doc[hits] != doc[:, None]
+    I = np.where(other & (np.cumsum(other, 1) <= k), hits, -1)
+    D = knn.recompute_distances(ds.keys, keys.astype(np.float32), I)
+    i_ref, p_ref, _ = knn.sparse_knn_distribution(D, I, ds.vals, T, max_ids=cfg.knn.store_ids)
+    ids, probs = tg.rows.rows(np.arange(ds.n))
+    for r in range(ds.n):
+        assert_same_dist(as_dist(ids[r], probs[r]), as_dist(i_ref[r], p_ref[r]))
+    # identical keys (the repeated document's run of one word): twins in the own document were hits and are gone;
+    # twins in another copy of it (when the split put both copies in train) stay
+    _, inv = np.unique(keys.view(np.uint8).reshape(ds.n, -1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    twin = (inv[hits] == inv[:, None]) & (hits != np.arange(ds.n)[:, None])
+    assert (twin & ~other).any(1).sum() > 10
+    across = [r for r in range(ds.n) if len(set(doc[inv == inv[r]].tolist())) > 1]
+    assert not across or (twin & other)[across].any(1).sum() > 0
+    # validation targets: searched the same way as before (other documents, nothing to leave out)
+    before = arrays(base_run / "targets" / "validation")
+    assert arrays(run / "targets" / "validation") == before
+
+
 # ----------------------------------------------------------------------------- kNN-LM evaluation
 
 def _direct_ppl(lm, tokens, context, stride):

@@ -183,3 +183,76 @@ def test_validation_picks_the_best_checkpoint(tmp_path) -> None:
                    if "split" not in json.loads(x)]
     assert len(train_lines) == 20
     assert set(train_lines[0]) >= {"step", "epoch", "lr", "loss", "kl", "ce", "grad_norm", "tokens_per_s"}
+
+
+def test_select_by_ce_picks_the_checkpoint_by_validation_ce(tmp_path, monkeypatch) -> None:
+    """--train.select_by: 'loss' picks the pass with the lowest alpha * KL + (1 - alpha) * CE, 'ce' the one with the
+    lowest CE (the same criterion for every alpha); best.json and the summary say which criterion and its value."""
+    import mlpmem.components.trainer as trainer
+
+    src, tg = tiny_data(tmp_path, 40)
+    train, val = np.arange(32), np.arange(32, 40)
+    # scripted validation passes at steps 4, 8, 12: the loss is lowest at 4, the CE at 8
+    script = iter([{"loss": 1.0, "kl": 0.5, "ce": 3.0}, {"loss": 2.0, "kl": 2.5, "ce": 1.5},
+                   {"loss": 3.0, "kl": 3.0, "ce": 2.5}] * 2)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **kw: dict(next(script)))
+    for select_by, step, value in (("loss", 4, 1.0), ("ce", 8, 1.5)):
+        out = tmp_path / select_by
+        summary = train_memory(tiny_memory(), src, tg, train, val, cfg(select_by=select_by), out, seed=0)
+        best = json.loads((out / "best.json").read_text())
+        assert best["step"] == summary["best_step"] == step
+        assert best["select_by"] == summary["select_by"] == select_by
+        assert best["value"] == summary["best_val_criterion"] == value
+        assert summary["best_val_loss"] == best["val_loss"] and summary["best_val_ce"] == best["val_ce"]
+
+
+def test_validation_lines_record_ce_and_select_by_ce_uses_it(tmp_path) -> None:
+    src, tg = tiny_data(tmp_path, 48, seed=3)
+    train, val = np.arange(36), np.arange(36, 48)
+    c = cfg(select_by="ce", eval_every=2, max_steps=10, alpha=0.9)
+    summary = train_memory(tiny_memory(), src, tg, train, val, c, tmp_path / "run", seed=0)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_lines = [x for x in lines if x.get("split") == "validation"]
+    assert len(val_lines) == 5 and all({"loss", "kl", "ce"} <= set(x) for x in val_lines)
+    best = min(val_lines, key=lambda x: x["ce"])
+    assert summary["best_step"] == best["step"] and summary["best_val_criterion"] == best["ce"]
+    restored = MLPMemory.from_pretrained(tmp_path / "run" / "best")
+    assert evaluate(restored, src, tg, val, c)["ce"] == pytest.approx(best["ce"], rel=1e-6)
+
+
+def test_new_train_options_keep_old_fingerprints(tmp_path) -> None:
+    """At their defaults, --train.seed and --train.select_by are not in what fingerprints see (the stage's and the
+    resume checkpoint's), so runs made before them stay up to date; select_by ce is, and refuses a resume."""
+    old_keys = {"input", "alpha", "lr", "weight_decay", "warmup_steps", "batch_size", "epochs", "max_steps",
+                "grad_clip", "bf16", "eval_every", "save_every", "val_positions", "log_every"}
+    assert set(TrainConfig().fingerprinted()) == old_keys
+    assert TrainConfig(seed=3).fingerprinted() == TrainConfig().fingerprinted()
+    assert TrainConfig(seed=3).seed_or(42) == 3 and TrainConfig().seed_or(42) == 42
+    assert TrainConfig(select_by="ce").fingerprinted()["select_by"] == "ce"
+    src, tg = tiny_data(tmp_path, 40)
+    train, val = np.arange(32), np.arange(32, 40)
+    train_memory(tiny_memory(), src, tg, train, val, cfg(max_steps=4), tmp_path / "a", seed=0)
+    from mlpmem.components.trainer import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch):
+        train_memory(tiny_memory(), src, tg, train, val, cfg(max_steps=8, select_by="ce"), tmp_path / "a", seed=0)
+
+
+def test_a_position_without_neighbours_trains_on_ce_alone(tmp_path) -> None:
+    """--knn.exclude document can leave a position no neighbour: its row is empty, its KL term 0 and its loss
+    (1 - alpha) * CE, with finite gradients."""
+    from mlpmem.components.losses import memory_loss
+
+    ids = np.full((2, K), -1, dtype=np.int32)
+    probs = np.zeros((2, K), dtype=np.float16)
+    ids[1, :2], probs[1, :2] = [3, 5], [0.75, 0.25]
+    tg = Targets(FixedRows(ids, probs), np.array([7, 3], dtype=np.int32))
+    t_ids, t_probs, labels = tg.batch(np.array([0]))
+    assert (t_probs == 0).all()
+    logits = torch.randn(1, V, requires_grad=True)
+    out = memory_loss(logits, t_ids, t_probs, labels, 0.3)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), labels)
+    assert out.kl.item() == 0.0
+    torch.testing.assert_close(out.loss.detach(), 0.7 * ce)
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all()

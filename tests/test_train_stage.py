@@ -248,3 +248,40 @@ def test_cli_prints_the_error_and_the_fix(assets, base_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mlpmem train: error:" in err and "set --extract.hook transformer.h.1.ln_2:output" in err
     assert not (run / "memory").exists()
+
+
+def test_train_seed_trains_a_new_memory_on_the_same_targets(assets, trained_run, tmp_path):
+    """--train.seed seeds the memory (init, batch order, dropout): null or the top-level seed's value is the run
+    already made (same fingerprint: skipped), another value a new memory on the same upstream artifacts; in a sweep
+    only train and eval rerun."""
+    from mlpmem.sweep import plan
+
+    run = copy_of(trained_run, tmp_path / "run")
+    m = json.loads((run / "memory" / "manifest.json").read_text())
+    weights = (run / "memory" / "best" / "model.safetensors").read_bytes()
+    cfg = config(assets, run)
+    assert cfg.train.seed is None and m["seed"] == cfg.seed
+    assert train.run(config(assets, run, **{"train.seed": cfg.seed})) == m  # the seed in use is the same
+    m1 = train.run(config(assets, run, **{"train.seed": 1, "force": True}))
+    assert m1["seed"] == 1 and m1["fingerprint"] != m["fingerprint"]
+    assert m1["upstream"] == m["upstream"]
+    assert (run / "memory" / "best" / "model.safetensors").read_bytes() != weights
+
+    swept = config(assets, run, **{"sweep.points": [{"train.seed": 1}, {"train.select_by": "ce"}]})
+    for point in swept.sweep.points:
+        assert [s for s, how, _ in plan(swept, point) if how == "run"] == ["train", "eval"]
+
+
+def test_select_by_ce_is_recorded_in_the_manifest(assets, trained_run, tmp_path):
+    run = copy_of(trained_run, tmp_path / "run")
+    m = json.loads((run / "memory" / "manifest.json").read_text())
+    assert m["summary"]["select_by"] == "loss"
+    assert m["summary"]["best_val_criterion"] == m["summary"]["best_val_loss"]
+    m2 = train.run(config(assets, run, **{"train.select_by": "ce", "force": True}))
+    assert m2["fingerprint"] != m["fingerprint"]
+    vals = [json.loads(ln) for ln in (run / "memory" / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v.get("split") == "validation"]
+    best = min(vals, key=lambda v: v["ce"])
+    s = m2["summary"]
+    assert s["select_by"] == "ce" and s["best_step"] == best["step"] and s["best_val_criterion"] == best["ce"]
+    assert s["best_val_ce"] == best["ce"] and s["best_val_loss"] == best["loss"]

@@ -53,9 +53,16 @@ class DataConfig:
                          "(for line-split corpora such as WikiText), or literal text.")
     validation_fraction: float = opt(0.05, "Fraction of documents held out for validation when the source has no splits.")
     test_fraction: float = opt(0.05, "Fraction of documents held out for test when the source has no splits.")
-    seed: int = opt(42, "Seed of the document shuffle that assigns splits.")
-    max_train_tokens: int | None = opt(None, "Keep only the first N train tokens (whole documents); None keeps all.")
-    max_eval_tokens: int | None = opt(None, "Keep only the first N validation/test tokens; None keeps all.")
+    seed: int = opt(42, "Seed of the document shuffle that assigns splits (and of --data.order shuffled).")
+    order: str = opt("shuffled", "Order of each split's documents before the token budgets (--data.max_train_tokens, "
+                     "--data.max_eval_tokens, and the --knn.datastore_tokens prefixes) cut it: 'shuffled' (a "
+                     "permutation from --data.seed, so every prefix is a random sample of the split) or 'corpus' (the "
+                     "source's order, as before this option: on a corpus grouped by topic, larger prefixes drift "
+                     "towards other topics).", ("shuffled", "corpus"))
+    max_train_tokens: int | None = opt(None, "Keep only the first N train tokens (whole documents, in --data.order); "
+                                       "None keeps all.")
+    max_eval_tokens: int | None = opt(None, "Keep only the first N validation/test tokens (in --data.order); None "
+                                      "keeps all.")
 
     def validate(self, p: str) -> None:
         for name in ("validation_fraction", "test_fraction"):
@@ -185,6 +192,11 @@ class KnnConfig:
     datastore_tokens: int | None = opt(None, "Use only the first N train positions of the extracted datastore for "
                                        "the index, the kNN targets and the memory (None: all): corpus-size studies "
                                        "share one extraction, each size a prefix of the next.")
+    exclude: str = opt("position", "What a train position's targets leave out of its neighbours: 'position' its own "
+                       "row only (leave-one-out by id); 'document' every row of its own train document, as kNN-LM "
+                       "at test time never retrieves from the document it scores. Still k + 1 neighbours are "
+                       "searched, so fewer remain (the targets manifest reports how many were dropped); a position "
+                       "left with none trains on the CE term alone.", ("position", "document"))
 
     def validate(self, p: str) -> None:
         _check(self.k >= 1, f"{p}.k", f"must be >= 1, got {self.k}")
@@ -229,13 +241,33 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
     bf16: bool | None = opt(None, "bf16 autocast for the memory forward/backward (null: on where the device computes "
                             "bf16 natively, as --model.dtype auto).")
-    eval_every: int = opt(200, "Steps between validation passes (checkpoint selection by validation loss).")
+    eval_every: int = opt(200, "Steps between validation passes (checkpoint selection, see select_by).")
     save_every: int = opt(200, "Steps between resumable checkpoints.")
     val_positions: int = opt(20000, "Validation positions scored per validation pass.")
     log_every: int = opt(20, "Steps between metric lines in metrics.jsonl.")
+    seed: int | None = opt(None, "Seed of the memory's initialisation, batch order and dropout; null: the top-level "
+                           "--seed. A sweep point setting it trains a new memory on the same upstream artifacts.")
+    select_by: str = opt("loss", "Validation criterion that picks the best checkpoint: 'loss' (alpha * KL + (1 - "
+                         "alpha) * CE, which means something else for each alpha) or 'ce' (the memory's own "
+                         "next-token cross-entropy, the same for every alpha). Studies comparing alpha should set "
+                         "'ce'.", ("loss", "ce"))
+
+    def seed_or(self, seed: int) -> int:
+        """The seed training uses: --train.seed, else the top-level ``seed``."""
+        return seed if self.seed is None else self.seed
+
+    def fingerprinted(self) -> dict:
+        """The options as fingerprints see them. ``seed`` is left out (callers fingerprint the seed in use, see
+        seed_or) and ``select_by`` at its default too, so runs made before these options keep their fingerprints."""
+        d = dataclasses.asdict(self)
+        d.pop("seed")
+        if d["select_by"] == "loss":
+            d.pop("select_by")
+        return d
 
     def validate(self, p: str) -> None:
         _check(0.0 <= self.alpha <= 1.0, f"{p}.alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(self.seed is None or self.seed >= 0, f"{p}.seed", f"must be >= 0 or null, got {self.seed}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
@@ -251,7 +283,9 @@ class TrainConfig:
 class EvalConfig:
     splits: list[str] = opt(["validation", "test"], "Splits to score; lambdas are tuned on 'validation'.")
     systems: list[str] = opt(["base", "knn", "memory", "memory+knn"], "Systems: base, knn, memory, memory+knn "
-                             "(those whose artifacts are missing are skipped with a warning).")
+                             "(those whose artifacts are missing are skipped with a warning); memory+gate (opt-in, "
+                             "with memory) adds a per-token lambda fitted on validation, kept only where it wins "
+                             "on held-out validation documents.")
     lambdas: list[float] = opt([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0],
                                "Interpolation weights swept on validation.")
     knn_temperatures: list[float] = opt([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
@@ -262,6 +296,13 @@ class EvalConfig:
     knn_k: int | None = opt(None, "Neighbours for kNN-LM evaluation; None: --knn.k.")
     lam: float | None = opt(None, "Fix lambda instead of tuning it on validation.")
     out_name: str = opt("eval", "Sub-directory of the run dir for results.")
+    ood_source: str | None = opt(None, "Out-of-domain corpus (read as --data.source is: a .txt/.jsonl file or a "
+                                 "directory of them), scored as an extra split 'ood' with every system at the "
+                                 "settings tuned on validation: does the LM, or the LM + memory, get worse on text "
+                                 "of another domain? Tokenized with the run's tokenizer, documents shuffled by "
+                                 "--data.seed, cut to --eval.ood_tokens; prepared once into <out_dir>/ood/. "
+                                 "None: off.")
+    ood_tokens: int = opt(25000, "Tokens of --eval.ood_source scored (whole documents, as --data.max_eval_tokens).")
     joint: bool = opt(False, "Score the LM and memory trained together by `mlpmem joint` (run_dir/joint) instead of "
                       "the base model and memory/; needs its own --eval.out_name (e.g. eval-joint) and systems "
                       "base and memory only (the datastore was built from the LM before joint training).")
@@ -270,7 +311,8 @@ class EvalConfig:
         if self.joint:
             _check(self.out_name != "eval", f"{p}.out_name", "--eval.joint writes its own results: name them, e.g. "
                    "--eval.out_name eval-joint (eval/ holds the lambda joint training started from)")
-            _check(set(self.systems) <= {"base", "memory"}, f"{p}.systems", "with --eval.joint only base and memory "
+            _check(set(self.systems) <= {"base", "memory", "memory+gate"}, f"{p}.systems", "with --eval.joint only "
+                   "base and memory (and memory+gate) "
                    "(kNN-LM's datastore holds the keys of the LM before joint training)")
         for n in ("splits", "systems", "lambdas", "knn_temperatures", "memory_temperatures"):
             _check(len(getattr(self, n)) > 0, f"{p}.{n}", "must list at least one value")
@@ -280,9 +322,20 @@ class EvalConfig:
         _check(self.out_name not in RUN_DIR_NAMES, f"{p}.out_name", f"{self.out_name!r} is where another stage or "
                "command writes in the run directory; name eval's output otherwise, e.g. eval-test")
         for s in self.splits:
-            _check(s in ("train", "validation", "test"), f"{p}.splits", f"unknown split {s!r}")
+            _check(s in ("train", "validation", "test", "ood"), f"{p}.splits", f"unknown split {s!r}")
+        _check("ood" not in self.splits or self.ood_source is not None, f"{p}.splits",
+               "split 'ood' needs an out-of-domain corpus: set --eval.ood_source")
+        _check(any(s != "ood" for s in self.splits), f"{p}.splits", "list a split to tune on besides 'ood' "
+               "(validation): settings are never tuned on the out-of-domain text")
+        _check(self.ood_source is None or bool(self.ood_source.strip()), f"{p}.ood_source",
+               "must not be empty (null: off)")
+        _check(self.ood_tokens >= 2, f"{p}.ood_tokens", f"must be >= 2, got {self.ood_tokens}")
+        _check(self.out_name != "ood", f"{p}.out_name", "'ood' is where eval prepares --eval.ood_source: name "
+               "eval's output otherwise")
         for s in self.systems:
-            _check(s in ("base", "knn", "memory", "memory+knn"), f"{p}.systems", f"unknown system {s!r}")
+            _check(s in ("base", "knn", "memory", "memory+knn", "memory+gate"), f"{p}.systems", f"unknown system {s!r}")
+        _check("memory+gate" not in self.systems or "memory" in self.systems, f"{p}.systems",
+               "memory+gate starts from the memory's tuned lambda: list memory too")
         for lam in self.lambdas:
             _check(0.0 <= lam <= 1.0, f"{p}.lambdas", f"each must be in [0, 1], got {lam}")
         _check(all(t > 0 for t in self.knn_temperatures), f"{p}.knn_temperatures", "must be > 0")

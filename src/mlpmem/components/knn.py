@@ -49,6 +49,23 @@ def leave_one_out_mask(I: np.ndarray, query_ids: np.ndarray | None) -> np.ndarra
     return mask
 
 
+def same_document_mask(I: np.ndarray, query_ids: np.ndarray, doc_starts: np.ndarray) -> np.ndarray:
+    """bool (B, k): True where neighbour I lies in the same document as its query (False where I < 0).
+
+    Datastore rows are positions of the train token stream, so a row's document is the last document start at or
+    before it: ``searchsorted(doc_starts, row, side="right") - 1``. doc_starts: int64 (n_docs [+ 1],) ascending
+    start positions (the prepared split's offsets; a trailing stream length is harmless).
+    """
+    I = np.asarray(I, dtype=np.int64)
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    q = np.asarray(query_ids, dtype=np.int64).reshape(-1, 1)
+    if q.shape[0] != I.shape[0]:
+        raise ValueError(f"query_ids has {q.shape[0]} entries for {I.shape[0]} queries")
+    q_doc = np.searchsorted(starts, q, side="right") - 1
+    nbr_doc = np.searchsorted(starts, I, side="right") - 1
+    return (I >= 0) & (nbr_doc == q_doc)
+
+
 def _log_weights(D, temperature: float, valid: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """log softmax(-D / T) over the valid neighbours of each row; -inf for invalid ones and for empty rows."""
     if not temperature > 0:
@@ -203,7 +220,7 @@ def knn_gold_logprobs(D: np.ndarray, I: np.ndarray, vals, gold: np.ndarray, temp
 
 def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperature: float, distances: str,
                     query_batch: int, progress: Progress, rows: np.ndarray | None = None, show_progress: bool = True,
-                    queries=None, max_ids: int | None = None) -> dict:
+                    queries=None, max_ids: int | None = None, doc_starts: np.ndarray | None = None) -> dict:
     """Write the sparse kNN targets of the datastore rows ``rows`` (default all N, in order) to ``sink``, resumably.
 
     index: FAISS index over the same keys (ids = row ids). key_shards: (N, d) float16 keys (array or consecutive
@@ -222,8 +239,18 @@ def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperat
     ``queries``: (M, d) keys that are not datastore rows (validation positions); then ``rows`` index them, k
     neighbours are searched and nothing is left out.
 
+    ``doc_starts`` (``--knn.exclude document``): int64 document start positions of the stream the rows index (the
+    prepared train split's offsets). Then every neighbour in the query's own document is left out too, not only
+    the query itself: kNN-LM at test time never retrieves from the document it is scoring. Still k + 1 are
+    searched, so a position keeps k minus its same-document hits; one whose hits all lie in its own document gets
+    an empty row (its loss is then the CE term alone, see :class:`mlpmem.components.trainer.Targets`).
+
     Returns stats over the rows processed in this call: rows, seconds, queries_per_s, mean_distinct_ids,
     mean_dropped_mass, self_found_fraction (queries whose own id was among the k + 1 hits; < 1 flags PQ error).
+    With ``doc_starts`` also: dropped_same_doc (mean count per position of the neighbours that leave-one-out by id
+    would have kept, and that lie in the query's document), dropped_same_doc_mass (the weight they carried in that
+    distribution, mean per position), mean_neighbours (kept per position) and empty_fraction (positions left with
+    no neighbour).
     """
     if distances not in ("index", "exact"):
         raise ConfigError(f"--knn.distances: must be 'index' or 'exact', got {distances!r}")
@@ -247,7 +274,13 @@ def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperat
     if not sink.restore(progress.state, start):
         log.warning("knn targets: the partial outputs of an earlier run do not match its progress; starting over")
         start = 0
+    by_doc = own and doc_starts is not None  # validation queries are other documents: nothing more to leave out
+    if by_doc:
+        doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        if len(doc_starts) == 0 or doc_starts[0] != 0 or (np.diff(doc_starts) < 0).any():
+            raise ValueError("doc_starts: expected ascending document starts beginning at 0 (the split's offsets)")
     n_done, distinct, dropped_sum, self_found = 0, 0, 0.0, 0
+    same_n, same_mass, kept_n, empty_n = 0, 0.0, 0, 0
     t0 = time.perf_counter()
     with progress_bar(total=len(rows), initial=start, unit="q", unit_scale=True, desc="knn targets",
                       show=show_progress) as bar:
@@ -258,11 +291,28 @@ def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperat
             D, I = search(index, xq, k_search)
             self_found += int((I == qids[:, None]).any(1).sum()) if own else 0
             keep = leave_one_out_mask(I, qids if own else None)
-            # At most k neighbours: when the own id was not retrieved, the (k+1)-th is surplus.
-            keep &= np.cumsum(keep, axis=1) <= k
-            I = np.where(keep, I, -1)
-            if distances == "exact":
-                D = recompute_distances(keys, xq, I)
+            if by_doc:
+                # today's neighbours (leave-one-out by id), to measure what the document rule takes away
+                by_id = keep & (np.cumsum(keep, axis=1) <= k)
+                same = same_document_mask(I, qids, doc_starts) & keep
+                keep &= ~same
+                keep &= np.cumsum(keep, axis=1) <= k
+                # distances of both neighbour sets (<= k + 1 distinct hits, as many as without the rule)
+                I_all = np.where(by_id | keep, I, -1)
+                if distances == "exact":
+                    D = recompute_distances(keys, xq, I_all)
+                lost = same & by_id
+                same_n += int(lost.sum())
+                same_mass += float((neighbour_weights(D, temperature, by_id).astype(np.float64) * lost).sum())
+                kept_n += int(keep.sum())
+                empty_n += int((~keep.any(1)).sum())
+                I = np.where(keep, I, -1)
+            else:
+                # At most k neighbours: when the own id was not retrieved, the (k+1)-th is surplus.
+                keep &= np.cumsum(keep, axis=1) <= k
+                I = np.where(keep, I, -1)
+                if distances == "exact":
+                    D = recompute_distances(keys, xq, I)
             ids, probs, dropped = sparse_knn_distribution(D, I, vals, temperature, max_ids=max_ids)
             sink.append(b0, ids, renormalise_float16(probs))
             sink.flush()
@@ -281,6 +331,15 @@ def compute_targets(index: faiss.Index, key_shards, vals, sink, k: int, temperat
         "mean_dropped_mass": dropped_sum / n_done if n_done else float("nan"),
         "self_found_fraction": self_found / n_done if n_done and own else float("nan"),
     }
+    if by_doc:
+        nan = float("nan")
+        stats.update({"dropped_same_doc": same_n / n_done if n_done else nan,
+                      "dropped_same_doc_mass": same_mass / n_done if n_done else nan,
+                      "mean_neighbours": kept_n / n_done if n_done else nan,
+                      "empty_fraction": empty_n / n_done if n_done else nan})
+        log.info("knn targets: same-document neighbours left out: %.1f per position (%.1f%% of the mass), %.1f "
+                 "neighbours kept, %.2e of positions left without any", stats["dropped_same_doc"],
+                 100 * stats["dropped_same_doc_mass"], stats["mean_neighbours"], stats["empty_fraction"])
     log.info("knn targets: %d queries in %.1fs (%.0f q/s), %.1f distinct ids/row, dropped mass %.2e, own id "
              "found for %.4f", n_done, dt, stats["queries_per_s"], stats["mean_distinct_ids"],
              stats["mean_dropped_mass"], stats["self_found_fraction"])

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -327,8 +326,9 @@ def train_memory(
     train_rows / val_rows: (n,) int datastore rows; the first ``cfg.val_positions`` validation rows are scored, in
     the given order, at every ``cfg.eval_every`` steps and at the end. Under torch.distributed with
     ``world_size > 1`` each rank trains on its slice of every global batch and gradients are summed so the update
-    equals single-process training. Writes (rank 0 only) ``out_dir/metrics.jsonl``, the best
-    model by validation loss in ``out_dir/best`` (+ ``best.json``), and a resumable ``out_dir/last`` every
+    equals single-process training. Writes (rank 0 only) ``out_dir/metrics.jsonl`` (training lines, and validation
+    lines with loss, kl and ce), the best model by ``cfg.select_by`` (validation loss, or validation CE alone, the
+    same criterion for every alpha) in ``out_dir/best`` (+ ``best.json``), and a resumable ``out_dir/last`` every
     ``cfg.save_every`` steps and at the end. ``on_step(step)`` is called after each finished step (1-based, after
     any checkpoint), e.g. to stop a run early in tests. ``plan`` orders the rows (default: a seeded shuffle of
     single rows; online training passes a window-grouped plan). Returns a summary dict.
@@ -346,14 +346,19 @@ def train_memory(
     total = total_steps(cfg, len(train_rows))
     plan = plan or BatchPlan(train_rows, cfg.batch_size, seed)
     opt = make_optimizer(memory, cfg)
-    trajectory = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "save_every", "log_every")}
+    # seed is fingerprinted on its own (the one in use); select_by only when not the default (see fingerprinted)
+    trajectory = {k: v for k, v in cfg.fingerprinted().items() if k not in ("eval_every", "save_every", "log_every")}
     fp = fingerprint(trajectory, seed, _rows_hash(train_rows), memory.config.to_dict())
     metrics_path, last_dir = out_dir / "metrics.jsonl", out_dir / "last"
 
+    # best_val: the best validation value of the criterion cfg.select_by ('loss' or 'ce'); best_rec: that pass's
+    # loss, kl and ce
     step, best_val, best_step, last_loss, resumed_acc = 0, math.inf, -1, math.nan, None
+    best_rec: dict[str, float] = {}
     if last_dir.exists():
         st = _load_last(last_dir, memory, opt, fp)
         step, best_val, best_step = int(st["step"]), float(st["best_val_loss"]), int(st["best_step"])
+        best_rec = dict(st.get("best_record") or {})
         last_loss = float(st.get("train_loss", math.nan))
         resumed_acc = st.get("log_acc")
         log.info("resuming from %s at step %d/%d", last_dir, step, total)
@@ -373,21 +378,24 @@ def train_memory(
                 f.write(json.dumps(rec) + "\n")
 
     def validate_and_select(at: int) -> None:
-        nonlocal best_val, best_step
+        nonlocal best_val, best_step, best_rec
         if len(val_rows) == 0:
             return
         v = evaluate(memory, source, targets, val_rows, cfg, world_size, rank)
         log_line({"step": at, "epoch": plan.epoch_of(at), "split": "validation", **v})
-        if v["loss"] < best_val:
-            best_val, best_step = v["loss"], at
+        if v[cfg.select_by] < best_val:
+            best_val, best_step, best_rec = v[cfg.select_by], at, dict(v)
             if main:  # weights first, then the pointer: best.json never names missing weights
                 _save_best(out_dir / "best", memory)
                 atomic_write_json(out_dir / "best.json", {"step": at, "val_loss": v["loss"], "val_kl": v["kl"],
-                                                          "val_ce": v["ce"]})
+                                                          "val_ce": v["ce"], "select_by": cfg.select_by,
+                                                          "value": v[cfg.select_by]})
 
     def checkpoint(at: int, train_loss: float) -> None:
         if main:
+            # best_val_loss holds the criterion's value (the loss unless --train.select_by ce)
             _save_last(last_dir, memory, opt, {"step": at, "best_val_loss": best_val, "best_step": best_step,
+                                               "best_record": best_rec,
                                                "fingerprint": fp, "total_steps": total, "seed": seed,
                                                "train_loss": train_loss,
                                                "log_acc": {"sums": acc.tolist(), "steps": acc_steps}})
@@ -466,7 +474,11 @@ def train_memory(
     return {
         "steps": step,
         "best_step": best_step,
-        "best_val_loss": best_val,
+        # the validation loss of the chosen checkpoint, whichever criterion chose it
+        "best_val_loss": best_rec.get("loss", best_val),
+        "best_val_ce": best_rec.get("ce"),
+        "select_by": cfg.select_by,  # the criterion that chose it, and its value there
+        "best_val_criterion": best_val,
         "final_train_loss": last_loss,
         "tokens_per_s": done * cfg.batch_size / elapsed if done else 0.0,
     }

@@ -1,5 +1,5 @@
-"""Stage `knn-targets`: sparse kNN next-token distributions for every train position (leave-one-out by id) and for
-the extracted validation positions.
+"""Stage `knn-targets`: sparse kNN next-token distributions for every train position (leave-one-out by id, or with
+``--knn.exclude document`` leaving out the position's whole document) and for the extracted validation positions.
 
 Layout of ``<run>/targets/``: per datastore shard a CSR set (:mod:`mlpmem.components.sparse`): ``offsets-*.npy``
 int64 (rows + 1), ``ids-*.npy`` int32 and ``probs-*.npy`` float16 (renormalised after the down-cast), every
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, Datastore, base_model, invalidate, \
-    load_split, open_index, should_skip, verify_chain, write_manifest
+    load_offsets, load_split, open_index, should_skip, verify_chain, write_manifest
 from mlpmem.components.knn import compute_targets, knn_scorer
 from mlpmem.components.sparse import CsrSink, csr_names
 from mlpmem.config import Config
@@ -36,7 +36,8 @@ TRACE_ENV = "MLPMEM_TRACE"  # test hook, off by default: see TracedSink
 
 
 def run(cfg: Config) -> dict:
-    """kNN targets for every train position (leave-one-out by id) and for the validation positions."""
+    """kNN targets for every train position (leave-one-out by id or by document) and for the validation
+    positions."""
     dist = dist_info()
     kc = cfg.knn
     teacher = Path(kc.teacher_dir) if kc.teacher_dir else cfg.run_dir
@@ -67,8 +68,17 @@ def run(cfg: Config) -> dict:
         "window": [cfg.window.context, cfg.window.stride]}
     if auto is not None:  # the sweep scores validation text with the base LM
         upstream.update({DATA: verify_chain(cfg.run_dir, DATA, "prepare")["fingerprint"], **base_model(cfg)[1]})
+    doc_starts = None
+    if kc.exclude == "document":  # the train documents' boundaries decide what is left out
+        upstream[DATA] = verify_chain(cfg.run_dir, DATA, "prepare")["fingerprint"]
+        doc_starts = load_offsets(cfg.run_dir, "train")
+        if int(doc_starts[-1]) < ds.n:
+            raise StageError(f"--knn.exclude document: the prepared train split holds {int(doc_starts[-1])} tokens "
+                             f"but the datastore {ds.n} positions (prepared again since?): rerun `mlpmem extract`")
+    # the default (position) is left out of the fingerprint: targets made before the option keep theirs
     fp = fingerprint("knn-targets", upstream, kc.k, kc.temperature, auto, kc.distances, kc.store_ids,
-                     kc.query_batch, cfg.index.nprobe, *ds.scope)
+                     kc.query_batch, cfg.index.nprobe, *ds.scope,
+                     *([] if kc.exclude == "position" else [{"exclude": kc.exclude}]))
     done = should_skip(out, "knn-targets", fp, cfg.force, upstream, cfg.run_dir)
     if done:
         return done
@@ -90,7 +100,7 @@ def run(cfg: Config) -> dict:
         traced = TracedSink(sink) if os.environ.get(TRACE_ENV) else None
         stats[s] = compute_targets(index, ds.keys, ds.vals, traced if traced is not None else sink, kc.k,
                                    temperature, kc.distances, kc.query_batch, prog, rows=rows,
-                                   show_progress=dist.is_main, max_ids=kc.store_ids)
+                                   show_progress=dist.is_main, max_ids=kc.store_ids, doc_starts=doc_starts)
         sink.close()
         if traced is not None:
             traced.write(Path(os.environ[TRACE_ENV]), dist.rank, s, sh["start"])
@@ -114,10 +124,16 @@ def run(cfg: Config) -> dict:
     train_bytes = sum((out / n).stat().st_size for sf in suffix for n in csr_names(sf).values())
     nnz = sum(int(np.load(out / csr_names(sf)["offsets"], mmap_mode="r")[-1]) for sf in suffix)
     dropped = [v["mean_dropped_mass"] * v["rows"] for v in stats.values() if v["rows"]]
+    rows_here = sum(v["rows"] for v in stats.values())
+    same_doc = {}
+    if doc_starts is not None and rows_here:  # row-weighted means over the shards computed here
+        same_doc = {name: sum(v[name] * v["rows"] for v in stats.values() if v["rows"]) / rows_here
+                    for name in ("dropped_same_doc", "dropped_same_doc_mass", "mean_neighbours", "empty_fraction")}
     save_stage_config(cfg, "knn-targets", out)
     return write_manifest(
         out, "knn-targets", fp, upstream, teacher=str(teacher), k=kc.k, max_ids=kc.store_ids,
-        temperature=temperature, temperature_sweep=sweep, distances=kc.distances, layout="csr", n_positions=ds.n,
+        temperature=temperature, temperature_sweep=sweep, distances=kc.distances, exclude=kc.exclude, **same_doc,
+        layout="csr", n_positions=ds.n,
         shards=[{"start": sh["start"], "stop": sh["stop"], **csr_names(suffix[s])} for s, sh in enumerate(shards)],
         datastore_fingerprint=student.fingerprint, validation=n_val, stats={str(k): v for k, v in stats.items()},
         queries_per_s=float(np.mean(qps)) if qps else None, nnz=nnz, mean_distinct_ids=nnz / ds.n,

@@ -55,7 +55,8 @@ def run(cfg: Config) -> dict:
     meta = memory_meta(lm, str(hook), tg.manifest)
     mc = memory_config_for(lm.model.config, num_blocks=cfg.memory.num_blocks, hidden_size=cfg.memory.hidden_size,
                            intermediate_size=cfg.memory.intermediate_size, dropout=cfg.memory.dropout, meta=meta)
-    fp = fingerprint("train", upstream, mc.to_dict(), cfg.to_dict()["train"], cfg.memory.init_head, cfg.seed,
+    seed = cfg.train.seed_or(cfg.seed)  # --train.seed, else --seed: the memory's init, batch order and dropout
+    fp = fingerprint("train", upstream, mc.to_dict(), cfg.train.fingerprinted(), cfg.memory.init_head, seed,
                      dist.world_size, *ds.scope)
     done = should_skip(out, "train", fp, cfg.force, upstream, cfg.run_dir)
     if done:
@@ -69,7 +70,7 @@ def run(cfg: Config) -> dict:
             for name in ("metrics.jsonl", "best.json"):
                 (out / name).unlink(missing_ok=True)
     barrier()  # no rank looks for last/ before rank 0 has removed it
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     memory = MLPMemory(mc).to(lm.device)
     if cfg.memory.init_head == "lm":
         init_head_from_lm(memory, lm.model)
@@ -91,10 +92,10 @@ def run(cfg: Config) -> dict:
                              f"{cfg.window.context}/{cfg.window.stride}: use the same window settings")
         source = online_source(cfg, lm, hook, n, n_val)
         wins = source.streams[0][2]
-        plan = WindowBatchPlan(train_rows, [w.end - w.score_from for w in wins], cfg.train.batch_size, cfg.seed)
+        plan = WindowBatchPlan(train_rows, [w.end - w.score_from for w in wins], cfg.train.batch_size, seed)
     log.info("train: memory %s x%d blocks, %.1fM params; %d train / %d validation positions, input %s",
              mc.family, mc.num_blocks, memory.num_parameters() / 1e6, n, n_val, cfg.train.input)
-    summary = train_memory(memory, source, targets, train_rows, val_rows, cfg.train, out, cfg.seed,
+    summary = train_memory(memory, source, targets, train_rows, val_rows, cfg.train, out, seed,
                            world_size=dist.world_size, rank=dist.rank, plan=plan)
     if not dist.is_main:
         return {}
@@ -102,7 +103,7 @@ def run(cfg: Config) -> dict:
     save_stage_config(cfg, "train", out)
     return write_manifest(out, "train", fp, upstream, checkpoint=best.name, params=memory.num_parameters(),
                           bytes=(best / "model.safetensors").stat().st_size, memory_config=mc.to_dict(),
-                          summary=summary, input=cfg.train.input)
+                          summary=summary, input=cfg.train.input, seed=seed)
 
 
 def online_source(cfg: Config, lm: LoadedLM, hook, n: int, n_val: int) -> OnlineSource:
