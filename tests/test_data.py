@@ -125,12 +125,15 @@ def test_hf_saved_splits_are_kept(tmp_path):
         "test": datasets.Dataset.from_dict({"text": texts[10:]}),
     })
     dd.save_to_disk(str(tmp_path / "ds"))
-    dcfg = DataConfig(source=f"hf:{tmp_path / 'ds'}")
+    dcfg = DataConfig(source=f"hf:{tmp_path / 'ds'}", order="corpus")
     splits = assign_splits(read_corpus(dcfg), dcfg)
     assert splits == {"train": texts[:8], "validation": texts[8:10], "test": texts[10:]}
-    # the seed is irrelevant when splits are given
-    other = DataConfig(source=dcfg.source, seed=7)
+    # the seed is irrelevant when splits are given (in corpus order; --data.order shuffled orders them by it)
+    other = DataConfig(source=dcfg.source, seed=7, order="corpus")
     assert assign_splits(read_corpus(other), other) == splits
+    shuffled = DataConfig(source=dcfg.source)
+    assert {s: sorted(v) for s, v in assign_splits(read_corpus(shuffled), shuffled).items()} == \
+        {s: sorted(v) for s, v in splits.items()}
 
 
 def test_hf_missing_split_is_carved_out_of_train_without_overlap(tmp_path):
@@ -140,7 +143,7 @@ def test_hf_missing_split_is_carved_out_of_train_without_overlap(tmp_path):
                           "test": datasets.Dataset.from_dict({"text": texts[36:]})}).save_to_disk(str(tmp_path / "ds"))
     dcfg = DataConfig(source=f"hf:{tmp_path / 'ds'}", validation_fraction=0.25)
     splits = assign_splits(read_corpus(dcfg), dcfg)
-    assert splits["test"] == texts[36:]  # the given test split is kept as is
+    assert sorted(splits["test"]) == sorted(texts[36:])  # the given test split is kept (in --data.order)
     assert len(splits["validation"]) == 9
     assert not set(splits["train"]) & set(splits["validation"])
     assert sorted(splits["train"] + splits["validation"]) == sorted(texts[:36])
@@ -181,9 +184,9 @@ def test_empty_corpus(tmp_path, content):
 
 def test_splits_deterministic_disjoint_and_seeded():
     docs = {"all": make_texts(100, seed=1)}
-    a = assign_splits(docs, DataConfig(seed=5, validation_fraction=0.1, test_fraction=0.2))
-    b = assign_splits(docs, DataConfig(seed=5, validation_fraction=0.1, test_fraction=0.2))
-    c = assign_splits(docs, DataConfig(seed=6, validation_fraction=0.1, test_fraction=0.2))
+    a = assign_splits(docs, DataConfig(seed=5, validation_fraction=0.1, test_fraction=0.2, order="corpus"))
+    b = assign_splits(docs, DataConfig(seed=5, validation_fraction=0.1, test_fraction=0.2, order="corpus"))
+    c = assign_splits(docs, DataConfig(seed=6, validation_fraction=0.1, test_fraction=0.2, order="corpus"))
     assert a == b and corpus_fingerprint(a) == corpus_fingerprint(b)
     assert a != c and corpus_fingerprint(a) != corpus_fingerprint(c)
     for s in (a, c):
@@ -355,3 +358,72 @@ def test_prepare_cli_refuses_bad_records_and_counts_skipped(tmp_path, capsys):
     assert main(["prepare"] + flags + ["--data.skip_bad_records", "true"]) == 0
     m = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
     assert m["skipped_records"] == 1 and sum(c["documents"] for c in m["counts"].values()) == len(texts)
+
+
+# ----------------------------------------------------------------------------- --data.order
+
+def test_order_shuffled_is_a_seeded_permutation_of_corpus_order():
+    from mlpmem.components.data import SPLITS, shuffle_documents
+
+    docs = {"all": make_texts(100, seed=1)}
+    kw = dict(validation_fraction=0.1, test_fraction=0.2)
+    corpus = assign_splits(docs, DataConfig(seed=5, order="corpus", **kw))
+    a = assign_splits(docs, DataConfig(seed=5, **kw))
+    assert DataConfig().order == "shuffled"  # the default
+    assert a == assign_splits(docs, DataConfig(seed=5, **kw))  # deterministic
+    for s in SPLITS:  # the same documents in each split, each split in an order of its own
+        assert sorted(a[s]) == sorted(corpus[s]) and a[s] == shuffle_documents(corpus[s], 5, s)
+    assert a["train"] != corpus["train"] and a["test"] != corpus["test"]
+    perm = np.random.default_rng([5, 1]).permutation(len(corpus["train"]))  # numpy's generator: the same anywhere
+    assert a["train"] == [corpus["train"][i] for i in perm]
+    b = assign_splits(docs, DataConfig(seed=6, **kw))
+    assert b["train"] == shuffle_documents(assign_splits(docs, DataConfig(seed=6, order="corpus", **kw))["train"],
+                                           6, "train") and b["train"] != a["train"]
+
+
+def test_prepare_cuts_budgets_after_shuffling_and_keeps_corpus_order_as_before(tmp_path):
+    from helpers import make_model_dir, write_corpus
+    from mlpmem.components.data import shuffle_documents
+    from mlpmem.components.lm import load_tokenizer, tokenizer_hash
+    from mlpmem.files import StageError, fingerprint
+    from mlpmem.stages.prepare import run
+
+    texts = make_texts(60, seed=11)
+    corpus = write_corpus(tmp_path / "c.txt", texts)
+    model_dir = make_model_dir(tmp_path / "m", "llama", texts=texts)
+
+    def cfg(out, **kw):
+        return load_config(None, {"out_dir": str(tmp_path / out), "model.name": str(model_dir),
+                                  "data.source": str(corpus), "data.validation_fraction": 0.2,
+                                  "data.test_fraction": 0.2, "data.max_train_tokens": 400, **kw})
+
+    def stream(out, split):
+        return (np.load(tmp_path / out / "data" / split / "tokens.npy"),
+                np.load(tmp_path / out / "data" / split / "offsets.npy"))
+
+    # the split assignment as prepare has always made it: a seeded permutation, each split in corpus order
+    order = np.random.default_rng(42).permutation(60)
+    train = [texts[i] for i in sorted(order[24:])]
+    tok = load_tokenizer(cfg("a").model)
+    sep = [tok.convert_tokens_to_ids("<|endoftext|>")]
+
+    # corpus: the stream and the fingerprint of a run prepared before --data.order existed
+    old = cfg("old", **{"data.order": "corpus"})
+    m = run(old)
+    assert np.array_equal(stream("old", "train")[0], tokenize_split(tok, train, sep, 400)[0])
+    splits = assign_splits(read_corpus(old.data), old.data)
+    assert splits["train"] == train
+    before = {k: v for k, v in old.to_dict()["data"].items() if k not in ("skip_bad_records", "order")}
+    assert m["fingerprint"] == fingerprint("prepare", before, tokenizer_hash(tok), corpus_fingerprint(splits))
+    # under the new default such a run is stale: refused naming the option that keeps it, never reused
+    with pytest.raises(StageError, match="corpus order.*--data.order corpus.*--force"):
+        run(cfg("old"))
+    assert run(old) == m  # and still up to date with --data.order corpus
+
+    # shuffled: the budget keeps the first whole documents of the split's seeded permutation
+    run(cfg("new"))
+    tokens, offsets = stream("new", "train")
+    expect = shuffle_documents(train, 42, "train")
+    assert [tokens.tolist(), offsets.tolist()] == [x.tolist() for x in tokenize_split(tok, expect, sep, 400)]
+    kept = len(offsets) - 1
+    assert 1 < kept < len(train) and expect[:kept] != train[:kept] and len(tokens) <= 400

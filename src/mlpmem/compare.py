@@ -15,6 +15,11 @@ fine-tuned model, datastore, index and targets for the control), then puts the r
 
 with parameters, storage, training compute, inference tokens/s and a paired bootstrap interval (over documents)
 for every change against the vanilla base, and for the comparisons that decide the question.
+
+With --eval.ood_source every variant also scores an out-of-domain corpus (prepared once, in vanilla, and linked
+like the data) at its settings tuned on validation, and the table sets each row's out-of-domain change against the
+vanilla base LM beside its in-domain one: does fine-tuning, or the memory at its in-domain lambda, cost anything on
+text of another domain?
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from mlpmem.artifacts import (DATA, FINETUNE, claim, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
                               read_manifest)
+from mlpmem.artifacts.readers import OOD
 from mlpmem.components.report import fmt_params
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config
@@ -99,7 +105,9 @@ def run(cfg: Config) -> dict:
     for name in cfg.compare.variants:
         vcfg = variant_config(cfg, name)
         _, src, shared, stages = VARIANTS[name]
-        for d in shared:
+        # the out-of-domain corpus, prepared by vanilla's eval, is shared as the data is
+        ood = (OOD,) if shared and cfg.eval.ood_source is not None and (cfg.run_dir / src / OOD).exists() else ()
+        for d in shared + ood:
             _link(cfg.run_dir / src / d, vcfg.run_dir / d)
         timings[name] = {}
         for stage in stages:
@@ -137,11 +145,12 @@ def _compute(vdir: Path, system: str, batch_size: int) -> str:
 
 
 def table(cfg: Config) -> dict:
-    """Rows side by side on the same tokens of --compare.split, from the finished variants."""
-    from mlpmem.components.tuning import bootstrap_changes, doc_ids_of, system_logprobs
+    """Rows side by side on the same tokens of --compare.split, from the finished variants; and on the same
+    out-of-domain tokens, where the vanilla base LM's evaluation scored an ``ood`` split (--eval.ood_source)."""
+    from mlpmem.components.tuning import doc_ids_of, system_logprobs
 
     split = cfg.compare.split
-    rows, lp, n_tokens = [], {}, None
+    rows, lp, n_tokens, ood_fps = [], {split: {}, OOD: {}}, {}, set()
     for label, name, system in ROWS:
         if name not in cfg.compare.variants:
             continue
@@ -151,53 +160,91 @@ def table(cfg: Config) -> dict:
         res = load_eval_results(vcfg.run_dir, vcfg.eval.out_name)
         if res is None or system not in res["settings"]:
             continue
-        scored = load_eval_scores(vcfg.run_dir, vcfg.eval.out_name, split)
-        n_tokens = scored.n if n_tokens is None else n_tokens
-        if scored.n != n_tokens:
-            raise ValueError(f"{name} scored {scored.n} {split} tokens, others {n_tokens}: not the same text")
         setting = res["settings"][system]
-        lp[label] = system_logprobs(scored, system, setting, vcfg)
+        for sp in (split, OOD) if OOD in res["splits"] else (split,):
+            scored = load_eval_scores(vcfg.run_dir, vcfg.eval.out_name, sp)
+            n = n_tokens.setdefault(sp, scored.n)
+            if scored.n != n:
+                raise ValueError(f"{name} scored {scored.n} {sp} tokens, others {n}: not the same text")
+            lp[sp][label] = system_logprobs(scored, system, setting, vcfg)  # at the setting tuned on validation
+        if OOD in res["splits"]:
+            ood_fps.add(res["ood"]["corpus_fingerprint"])
         meta = res.get("systems_meta", {}).get(system, {})
         ft = read_manifest(vcfg.run_dir / FINETUNE) or {}
         rows.append({"row": label, "variant": name, "system": system, "setting": setting,
                      "ppl": res["splits"][split]["systems"][system]["ppl"],
+                     "ood_ppl": res["splits"].get(OOD, {}).get("systems", {}).get(system, {}).get("ppl"),
                      "base_params": res["model"]["n_params"],
                      "memory_params": meta.get("params") if "memory" in system else None,
                      "trainable_lm_params": ft.get("trainable_params"),
                      "storage_bytes": meta.get("storage_bytes"), "tokens_per_s": meta.get("tokens_per_s"),
                      "compute": _compute(vcfg.run_dir, system, vcfg.train.batch_size), "edges": res.get("edges", {}).get(system)})
+    if len(ood_fps) > 1:
+        raise ValueError("the variants scored different out-of-domain corpora (--eval.ood_source changed between "
+                         "their evaluations): rerun `mlpmem compare --force`")
+    n_tokens = n_tokens.get(split)
     docs = doc_ids_of(load_offsets(cfg.run_dir / "vanilla", split), n_tokens)
-    pairs = [(r["row"], "base LM") for r in rows if r["row"] != "base LM"] + \
-        [p for p in PAIRS if p[0] in lp and p[1] in lp and p != ("fine-tuned (full)", "base LM")]
-    ci = bootstrap_changes(lp, docs, pairs, seed=cfg.seed)
+    ci, comparisons = _changes(lp[split], docs, cfg.seed)
+    ood = None
+    if "base LM" in lp[OOD]:  # the out-of-domain change of every row against the vanilla base LM, paired likewise
+        ood_docs = doc_ids_of(load_offsets(cfg.run_dir / "vanilla", OOD), len(lp[OOD]["base LM"]))
+        ood_ci, ood_cmp = _changes(lp[OOD], ood_docs, cfg.seed)
+        ood = {"source": cfg.eval.ood_source, "tokens": len(lp[OOD]["base LM"]),
+               "documents": int(ood_docs.max()) + 1 if len(ood_docs) else 0, "comparisons": ood_cmp}
     for r in rows:
         r["vs_base"] = ci.get((r["row"], "base LM"))
-    comparisons = [{"a": a, "b": b, **ci[(a, b)]} for a, b in PAIRS if (a, b) in ci]
+        r["ood_vs_base"] = ood_ci.get((r["row"], "base LM")) if ood else None
     return {"split": split, "tokens": n_tokens, "documents": int(docs.max()) + 1 if len(docs) else 0, "rows": rows,
-            "comparisons": comparisons, "table": _markdown(rows, comparisons, split, n_tokens)}
+            "comparisons": comparisons, "ood": ood, "table": _markdown(rows, comparisons, split, n_tokens, ood)}
+
+
+def _changes(lp: dict, docs, seed: int) -> tuple[dict, list[dict]]:
+    """Paired bootstrap intervals over ``docs`` of every row against the base LM and of PAIRS (rows in ``lp``)."""
+    from mlpmem.components.tuning import bootstrap_changes
+
+    pairs = [(r, "base LM") for r in lp if r != "base LM"] + \
+        [p for p in PAIRS if p[0] in lp and p[1] in lp and p != ("fine-tuned (full)", "base LM")]
+    ci = bootstrap_changes(lp, docs, pairs, seed=seed)
+    return ci, [{"a": a, "b": b, **ci[(a, b)]} for a, b in PAIRS if (a, b) in ci]
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
-def _markdown(rows: list[dict], comparisons: list[dict], split: str, n_tokens: int) -> str:
-    lines = [f"| row | {split} PPL | vs base LM (95% CI) | params (LM + memory) | storage | training compute | "
-             "tokens/s |", "|---|---|---|---|---|---|---|"]
+def _interval(vs: dict | None) -> str:
+    return f"{_pct(vs['change'])} [{_pct(vs['ci95'][0])}, {_pct(vs['ci95'][1])}]" if vs else ""
+
+
+def _verdicts(comparisons: list[dict]) -> list[str]:
+    lines = []
+    for c in comparisons:
+        verdict = ("lower" if c["change"] < 0 else "higher") if c["excludes_zero"] else "no clear difference"
+        lines.append(f"- {c['a']} vs {c['b']}: {_pct(c['change'])} PPL [{_pct(c['ci95'][0])}, "
+                     f"{_pct(c['ci95'][1])}]: {verdict}")
+    return lines
+
+
+def _markdown(rows: list[dict], comparisons: list[dict], split: str, n_tokens: int, ood: dict | None = None) -> str:
+    ood_head = ("ood PPL | ood vs base LM (95% CI) | ", "---|---|") if ood else ("", "")
+    lines = [f"| row | {split} PPL | vs base LM (95% CI) | {ood_head[0]}params (LM + memory) | storage | "
+             "training compute | tokens/s |", f"|---|---|---|{ood_head[1]}---|---|---|---|"]
     for r in rows:
-        vs = r["vs_base"]
-        rel = f"{_pct(vs['change'])} [{_pct(vs['ci95'][0])}, {_pct(vs['ci95'][1])}]" if vs else ""
         params = fmt_params(r["base_params"]) + (f" + {fmt_params(r['memory_params'])}" if r["memory_params"] else "")
         if r["trainable_lm_params"] and r["trainable_lm_params"] < r["base_params"]:
             params += f" ({fmt_params(r['trainable_lm_params'])} LoRA trained)"
         edge = f" (edge: {', '.join(r['edges'])})" if r["edges"] else ""
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         storage = human_bytes(r["storage_bytes"]) if r["storage_bytes"] else "-"
-        lines.append(f"| {r['row']}{edge} | {r['ppl']:.3f} | {rel} | {params} | {storage} | {r['compute']} | {tps} |")
+        cells = [f"{r['row']}{edge}", f"{r['ppl']:.3f}", _interval(r["vs_base"])]
+        if ood:
+            cells += [f"{r['ood_ppl']:.3f}" if r["ood_ppl"] is not None else "-", _interval(r["ood_vs_base"])]
+        lines.append("| " + " | ".join(cells + [params, storage, r["compute"], tps]) + " |")
     lines += ["", f"Paired bootstrap over the documents of {split} ({n_tokens} tokens), 95% intervals; an ordering is "
-              "claimed only where the interval excludes zero:"]
-    for c in comparisons:
-        verdict = ("lower" if c["change"] < 0 else "higher") if c["excludes_zero"] else "no clear difference"
-        lines.append(f"- {c['a']} vs {c['b']}: {_pct(c['change'])} PPL [{_pct(c['ci95'][0])}, "
-                     f"{_pct(c['ci95'][1])}]: {verdict}")
+              "claimed only where the interval excludes zero:"] + _verdicts(comparisons)
+    if ood:
+        lines += ["", f"Out of domain (`ood`: {ood['source']}, {ood['tokens']} tokens, {ood['documents']} "
+                  "documents): every row at the settings it tuned on validation, against the vanilla base LM on the "
+                  "same tokens; a positive change is what an in-domain gain costs on text of another domain:"] + \
+            _verdicts(ood["comparisons"])
     return "\n".join(lines)

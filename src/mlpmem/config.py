@@ -55,7 +55,7 @@ class DataConfig:
     test_fraction: float = opt(0.05, "Fraction of documents held out for test when the source has no splits.")
     seed: int = opt(42, "Seed of the document shuffle that assigns splits (and of --data.order shuffled).")
     order: str = opt("shuffled", "Order of each split's documents before the token budgets (--data.max_train_tokens, "
-                     "--data.max_eval_tokens, and the --knn.datastore_tokens prefixes) cut it: 'shuffled' (a "
+                     "--data.max_eval_tokens, and prefixes of --knn.datastore_tokens) cut it: 'shuffled' (a "
                      "permutation from --data.seed, so every prefix is a random sample of the split) or 'corpus' (the "
                      "source's order, as before this option: on a corpus grouped by topic, larger prefixes drift "
                      "towards other topics).", ("shuffled", "corpus"))
@@ -296,8 +296,8 @@ class EvalConfig:
     knn_k: int | None = opt(None, "Neighbours for kNN-LM evaluation; None: --knn.k.")
     lam: float | None = opt(None, "Fix lambda instead of tuning it on validation.")
     out_name: str = opt("eval", "Sub-directory of the run dir for results.")
-    ood_source: str | None = opt(None, "Out-of-domain corpus (read as --data.source is: a .txt/.jsonl file or a "
-                                 "directory of them), scored as an extra split 'ood' with every system at the "
+    ood_source: str | None = opt(None, "Out-of-domain corpus (a .txt/.jsonl file or a directory of them, read as "
+                                 "the corpus is), scored as an extra split 'ood' with every system at the "
                                  "settings tuned on validation: does the LM, or the LM + memory, get worse on text "
                                  "of another domain? Tokenized with the run's tokenizer, documents shuffled by "
                                  "--data.seed, cut to --eval.ood_tokens; prepared once into <out_dir>/ood/. "

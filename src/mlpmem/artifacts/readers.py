@@ -7,6 +7,7 @@ is refused with a message naming what to rerun, never silently mixed.
 Layout under ``--out_dir``::
 
     data/<split>/tokens.npy, offsets.npy      prepare
+    ood/tokens.npy, offsets.npy                eval, with --eval.ood_source (its own manifest, upstream: none)
     datastore/keys-*, vals-*, validation/      extract (train datastore; validation keys for the memory)
     index/index.faiss                          index
     targets/ids-*, probs-*, validation/        knn-targets
@@ -31,6 +32,7 @@ from mlpmem.files import cached_per_file, fingerprint, load_npy, read_json
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+OOD = "ood"  # the out-of-domain split (--eval.ood_source), and its directory: prepared by `eval`, not `prepare`
 DATA, FINETUNE, DATASTORE, DATASTORE_VAL, INDEX, TARGETS, MEMORY = (
     "data", "finetune", "datastore", "datastore/validation", "index", "targets", "memory")
 FINETUNED_MODEL = "model"  # the Hugging Face model directory inside finetune/ (and joint/)
@@ -110,27 +112,39 @@ def _scan_offsets(path: Path, offsets: np.ndarray, rerun: str) -> None:
 
 # ----------------------------------------------------------------------------- prepared splits
 
-def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> tuple[np.ndarray, dict]:
-    """(tokens int32, data manifest) of a prepared split; checks the tokenizer matches the model's."""
-    run_dir = Path(run_dir)
-    m = verify_chain(run_dir, DATA, "prepare")
+def _split_source(run_dir: Path, split: str) -> tuple[dict, Path, str]:
+    """(manifest, directory of tokens.npy/offsets.npy, the command that rewrites them) of a prepared split:
+    train/validation/test under data/ (`prepare`), the out-of-domain corpus under ood/ (`eval` prepares it)."""
+    if split == OOD:
+        m = read_manifest(run_dir / OOD)
+        if m is None or not m.get("complete"):
+            raise StageError(f"no out-of-domain corpus prepared in {run_dir / OOD}: run `mlpmem eval` with "
+                             "--eval.ood_source")
+        return verify_chain(run_dir, OOD, OOD), run_dir / OOD, f"rm -r {run_dir / OOD}; mlpmem eval --force"
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
+    return verify_chain(run_dir, DATA, "prepare"), run_dir / DATA / split, "mlpmem prepare --force"
+
+
+def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> tuple[np.ndarray, dict]:
+    """(tokens int32, its manifest) of a prepared split (train, validation, test, or ood: the out-of-domain corpus
+    of --eval.ood_source); checks the tokenizer matches the model's."""
+    run_dir = Path(run_dir)
+    m, d, rerun = _split_source(run_dir, split)
     if tokenizer_hash is not None and m["tokenizer_hash"] != tokenizer_hash:
-        raise StageError(f"the corpus in {run_dir / DATA} was prepared with another tokenizer "
+        raise StageError(f"the corpus in {d} was prepared with another tokenizer "
                          f"({m['tokenizer_name']}, hash {m['tokenizer_hash']}) than the model's "
-                         f"(hash {tokenizer_hash}): rerun `mlpmem prepare --force` with the same --model.name")
-    path = run_dir / DATA / split / "tokens.npy"
+                         f"(hash {tokenizer_hash}): rerun `{rerun}` with the same --model.name")
+    path = d / "tokens.npy"
     tokens = load_npy(path, np.int32, m["counts"][split]["tokens"])
-    _check_ids(path, tokens, m.get("vocab_size"), "mlpmem prepare --force", "token")  # absent in older manifests
+    _check_ids(path, tokens, m.get("vocab_size"), rerun, "token")  # absent in older manifests
     return tokens, m
 
 
 def load_offsets(run_dir: Path, split: str) -> np.ndarray:
     """int64 (n_docs + 1,): where each document of a prepared split starts in its stream, then the stream length."""
-    m = verify_chain(run_dir, DATA, "prepare")
-    return np.asarray(load_npy(Path(run_dir) / DATA / split / "offsets.npy", np.int64,
-                               m["counts"][split]["documents"] + 1))
+    m, d, _ = _split_source(Path(run_dir), split)
+    return np.asarray(load_npy(d / "offsets.npy", np.int64, m["counts"][split]["documents"] + 1))
 
 
 # ----------------------------------------------------------------------------- base model
@@ -429,6 +443,8 @@ def save_scores(path: Path, sc, fp: str) -> None:
         arrays["mem"] = sc.mem
     if sc.knn is not None:
         arrays["knn"] = sc.knn
+    if sc.lm_feats is not None and sc.mem_feats is not None:  # the adaptive gate's features (memory+gate)
+        arrays["lm_feats"], arrays["mem_feats"] = sc.lm_feats, sc.mem_feats
     with atomic_file(path) as f:
         np.savez(f, **arrays)
 
@@ -443,7 +459,9 @@ def load_scores(path: Path, fp: str, strict: bool = False):
             if meta["fingerprint"] == fp:
                 return Scored(lm=z["lm"], mem=z["mem"] if "mem" in z else None,
                               knn=z["knn"] if "knn" in z else None, seconds=meta["seconds"],
-                              mem_T=meta.get("mem_T"), knn_T=meta.get("knn_T"))
+                              mem_T=meta.get("mem_T"), knn_T=meta.get("knn_T"),
+                              lm_feats=z["lm_feats"] if "lm_feats" in z else None,
+                              mem_feats=z["mem_feats"] if "mem_feats" in z else None)
             why = "were made by another configuration"
     except (OSError, KeyError, ValueError) as e:
         why = f"cannot be read ({e})"
@@ -468,6 +486,16 @@ def tuned_memory_lambda(run_dir: Path, out_name: str) -> float | None:
     res = load_eval_results(run_dir, out_name)
     lam = ((res or {}).get("settings") or {}).get("memory", {}).get("lam")
     return float(lam) if lam is not None and math.isfinite(lam) else None
+
+
+def tuned_memory_gate(run_dir: Path, out_name: str):
+    """The adaptive gate (:class:`mlpmem.components.gate.Gate`) fitted by `eval` with system memory+gate, or None
+    when the evaluation has none or kept the fixed λ (its results' ``gate`` report says why)."""
+    from mlpmem.components.gate import Gate
+
+    res = load_eval_results(run_dir, out_name)
+    g = ((res or {}).get("settings") or {}).get("memory+gate", {}).get("gate")
+    return Gate.from_dict(g) if g else None
 
 
 def tuned_memory_temperature(run_dir: Path, out_name: str) -> float | None:

@@ -248,8 +248,29 @@ def _read_corpus(dcfg: DataConfig, check: _TextCheck) -> dict[str, list[str]]:
     return {"all": docs}
 
 
+# the random stream of each split's --data.order shuffle (and of the out-of-domain corpus's), besides the one that
+# assigns documents to splits, so that the order within a split does not depend on the other splits
+_ORDER_STREAMS = {"train": 1, "validation": 2, "test": 3, "ood": 4}
+
+
+def shuffle_documents(docs: list[str], seed: int, stream: str) -> list[str]:
+    """``docs`` in the order of a permutation drawn from (``seed``, ``stream``): a budget that keeps the first
+    documents then keeps a random sample, whatever order (e.g. by topic) the source has."""
+    order = np.random.default_rng([seed, _ORDER_STREAMS[stream]]).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
 def assign_splits(docs: dict[str, list[str]], dcfg: DataConfig) -> dict[str, list[str]]:
-    """Keep given splits; otherwise shuffle documents with the seed and cut validation/test fractions."""
+    """Keep given splits, otherwise shuffle documents with the seed and cut validation/test fractions; then order
+    each split's documents as --data.order says: shuffled by the seed, or in corpus order."""
+    splits = _assign_splits(docs, dcfg)
+    if dcfg.order == "corpus":
+        return splits
+    return {s: shuffle_documents(v, dcfg.seed, s) for s, v in splits.items()}
+
+
+def _assign_splits(docs: dict[str, list[str]], dcfg: DataConfig) -> dict[str, list[str]]:
+    """The splits in corpus order (what assign_splits returned before --data.order)."""
     clean = {k: [d for d in v if d.strip()] for k, v in docs.items()}
     if not any(clean.values()):
         raise CorpusError(f"--data.source {dcfg.source}: the corpus has no non-empty documents")
@@ -262,7 +283,7 @@ def assign_splits(docs: dict[str, list[str]], dcfg: DataConfig) -> dict[str, lis
             only_missing = dataclasses.replace(
                 dcfg, validation_fraction=dcfg.validation_fraction if "validation" in missing else 0.0,
                 test_fraction=dcfg.test_fraction if "test" in missing else 0.0)
-            carved = assign_splits({"all": clean["train"]}, only_missing)
+            carved = _assign_splits({"all": clean["train"]}, only_missing)
             return {s: clean[s] if s != "train" and clean.get(s) else carved[s] for s in SPLITS}
         return {s: clean[s] for s in SPLITS}
     all_docs = clean["all"]
@@ -317,9 +338,16 @@ def tokenize_split(tok, docs: list[str], sep: list[int], max_tokens: int | None)
     return tokens.astype(np.int32), np.asarray(offsets + [total], dtype=np.int64)
 
 
-def corpus_fingerprint(splits: dict[str, list[str]]) -> str:
+def vocab_bound(tok) -> int:
+    """1 + the largest id the tokenizer can produce (readers check the streams against it); added tokens can sit
+    past len(tok) in some tokenizers' id space."""
+    return max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
+
+
+def corpus_fingerprint(splits: dict[str, list[str]], names: tuple[str, ...] = SPLITS) -> str:
+    """Hash of the documents of the splits ``names``, in their order."""
     h = hashlib.sha256()
-    for s in SPLITS:
+    for s in names:
         h.update(s.encode())
         for d in splits[s]:
             h.update(hashlib.sha256(d.encode()).digest())

@@ -33,6 +33,17 @@ def mix_logprobs(lm_logprobs: torch.Tensor, mem_logprobs: torch.Tensor, lam: flo
     return torch.logaddexp(lm_logprobs + math.log1p(-lam), mem_logprobs + math.log(lam))
 
 
+def mix_logprobs_per_token(lm_logprobs: torch.Tensor, mem_logprobs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """log((1 - lam) p_LM + lam p_mem) with one lam per position: log-probs (..., V), lam (...) in [0, 1] (e.g. from
+    an adaptive gate, float64). The log weights are computed in lam's dtype and cast to the log-probs' dtype."""
+    if torch.any((lam < 0) | (lam > 1)):
+        raise ValueError("every lam must be in [0, 1]")
+    dtype = torch.promote_types(lm_logprobs.dtype, mem_logprobs.dtype)
+    log_1m = torch.log1p(-lam)[..., None].to(dtype)
+    log_lam = torch.log(lam)[..., None].to(dtype)
+    return torch.logaddexp(lm_logprobs + log_1m, mem_logprobs + log_lam)
+
+
 def memory_logprobs(mem_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(z_mem / T) in float32 (or float64 if given): the memory's next-token log-probabilities."""
     if temperature <= 0:

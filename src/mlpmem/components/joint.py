@@ -10,6 +10,8 @@ attach_memory(model, memory) installs three hooks and no new decoding code:
 Log-probabilities are valid logits, so everything downstream works unchanged: generate() with greedy, sampling, beam
 search, KV cache (the memory is position-wise, it needs no cache), left padding; model(ids, labels=...).loss is the
 joint NLL. At lam = 0 the head's own output is returned untouched, so the model is bit-identical to the base LM.
+With an adaptive gate (components/gate.py, fitted by `eval` with system memory+gate) lam is set per position from
+the gate's features of the two distributions at that position, exactly as eval scored it.
 
 Post-head logit transforms (Gemma 2/3 final_logit_softcapping, Granite logits_scaling, Cohere logit_scale) are
 applied by the model *after* the head, which would distort the mixture; while attached they are switched off in the
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 from .capture import HookPoint, hook_width, register_capture, resolve_hook
-from .interpolate import memory_logprobs, mix_logprobs
+from .gate import Gate, features
+from .interpolate import memory_logprobs, mix_logprobs, mix_logprobs_per_token
 
 _ATTR = "_mlpmem_joint"
 
@@ -96,15 +99,17 @@ def _post_head_transforms(model: nn.Module) -> tuple[list[Callable], list[Callab
 
 
 class JointHandle:
-    """A memory attached to a model. `lam` and `mem_temperature` can be changed at any time; detach() undoes all."""
+    """A memory attached to a model. `lam`, `mem_temperature` and `gate` can be changed at any time; detach() undoes
+    all. With a `gate` the weight is the gate's per position and `lam` is not used."""
 
     def __init__(self, model: nn.Module, memory: nn.Module, hook_point: HookPoint, lam: float,
-                 mem_temperature: float) -> None:
+                 mem_temperature: float, gate: Gate | None = None) -> None:
         self.model = model
         self.memory = memory
         self.hook_point = hook_point
         self.lam = lam
         self.mem_temperature = mem_temperature
+        self.gate = gate
         self._captured: torch.Tensor | None = None
         self._logits_to_keep = None
         self._saw_call = False
@@ -134,6 +139,16 @@ class JointHandle:
         if not value > 0 or math.isinf(value):
             raise ValueError(f"mem_temperature must be a positive finite number, got {value}")
         self._mem_temperature = value
+
+    @property
+    def gate(self) -> Gate | None:
+        return self._gate
+
+    @gate.setter
+    def gate(self, value: Gate | None) -> None:
+        if value is not None and not isinstance(value, Gate):
+            raise ValueError(f"gate must be a components.gate.Gate or None, got {type(value).__name__}")
+        self._gate = value
 
     def _attach(self) -> None:
         model, head = self.model, self.model.get_output_embeddings()
@@ -173,7 +188,7 @@ class JointHandle:
         lm_logits = logits
         for post in self._posts:
             lm_logits = post(lm_logits)
-        if self._lam == 0.0:
+        if self._lam == 0.0 and self._gate is None:
             return lm_logits if self._posts else None  # untouched: bit-identical to the base LM
         if h is None:
             raise RuntimeError(f"the memory's hook point {self.hook_point} did not run before the LM head")
@@ -194,12 +209,18 @@ class JointHandle:
                              "the memory was trained for another base model")
         mem_lp = memory_logprobs(mem_logits, self._mem_temperature).to(logits.device)
         lm_lp = torch.log_softmax(lm_logits.float(), dim=-1)
+        if self._gate is not None:  # the gate's λ per position, from the features scoring computes (no gold token)
+            return mix_logprobs_per_token(lm_lp, mem_lp, self._gate.lam(features(lm_lp, mem_lp)))
         return mix_logprobs(lm_lp, mem_lp, self._lam)
 
 
 def attach_memory(model: nn.Module, memory: nn.Module, lam: float = 0.25, hook: str | HookPoint | None = None,
-                  mem_temperature: float = 1.0) -> JointHandle:
+                  mem_temperature: float | None = None, gate: Gate | None = None) -> JointHandle:
     """Mix `memory` into `model`'s next-token distribution at every forward; returns the handle (detach() to undo).
+
+    mem_temperature: the memory's inference temperature; default the gate's (it was fitted at it), else 1.
+    gate: an adaptive gate (components/gate.py; e.g. artifacts.readers.tuned_memory_gate): λ per position from it,
+        `lam` then unused.
 
     memory: any module mapping hidden states (..., d) -> logits (..., V); its optional `config.meta` may name the
         "hook" it was trained on and its "input_size" / "vocab_size", which are checked against the model.
@@ -236,8 +257,12 @@ def attach_memory(model: nn.Module, memory: nn.Module, lam: float = 0.25, hook: 
     if mem_vocab is not None and int(mem_vocab) != n_vocab:
         raise ValueError(f"the memory was trained for another base model: it predicts {mem_vocab} tokens, but "
                          f"the model's LM head has {n_vocab}")
+    if gate is not None and mem_temperature is not None and float(mem_temperature) != gate.T_mem:
+        raise ValueError(f"the gate was fitted with the memory at temperature {gate.T_mem:g}, not {mem_temperature:g}: "
+                         "leave mem_temperature unset")
+    mem_temperature = mem_temperature if mem_temperature is not None else (gate.T_mem if gate is not None else 1.0)
     memory.to(head.weight.device)
-    handle = JointHandle(model, memory, hp, lam, mem_temperature)
+    handle = JointHandle(model, memory, hp, lam, mem_temperature, gate)
     handle._attach()
     return handle
 
@@ -261,12 +286,13 @@ class MemoryAttached(nn.Module):
     LM's and the memory's, ``forward`` is the LM's, whose logits are then the mixture's log-probabilities (so the
     usual next-token cross-entropy on them is the mixture's NLL, and its gradient reaches the LM through both its
     own head and the hidden state the memory reads). Attach before wrapping the LM (e.g. with peft LoRA): the hooks
-    stay on the LM's modules. ``detach()`` removes the hooks and returns the LM."""
+    stay on the LM's modules. ``detach()`` removes the hooks and returns the LM. With a ``gate`` the memory's
+    weight is the gate's per position (``lam`` unused; mem_temperature defaults to the gate's)."""
 
     def __init__(self, lm: nn.Module, memory: nn.Module, lam: float, hook: str | HookPoint | None = None,
-                 mem_temperature: float = 1.0) -> None:
+                 mem_temperature: float | None = None, gate: Gate | None = None) -> None:
         super().__init__()
-        self.handle = attach_memory(lm, memory, lam=lam, hook=hook, mem_temperature=mem_temperature)
+        self.handle = attach_memory(lm, memory, lam=lam, hook=hook, mem_temperature=mem_temperature, gate=gate)
         self.lm = lm
         self.memory = memory
 

@@ -27,6 +27,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def _setting_value(k: str, v) -> str:
+    if k == "gate":  # memory+gate: the fitted parameters live in results["gate"] and gate.json
+        return "gate=fitted" if v else "gate=off (fixed lam)"
+    return f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+
+
 def results_table(results: dict) -> str:
     """Markdown table: one row per system with its setting, params, storage, perplexities (change against the base
     LM with its 95% bootstrap interval over documents) and tokens/s; then the paired comparisons, each marked as
@@ -38,7 +44,7 @@ def results_table(results: dict) -> str:
     meta = results.get("systems_meta", {})
     edges = results.get("edges", {})
     for system, setting in results["settings"].items():
-        st = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "-"
+        st = ", ".join(_setting_value(k, v) for k, v in setting.items()) or "-"
         if system in edges:
             st += f" (edge: {', '.join(edges[system])})"
         m = meta.get(system, {})
@@ -65,6 +71,11 @@ def results_table(results: dict) -> str:
                          f"{c['documents']} documents: {verdict}")
     if notes:
         lines += ["", "Paired bootstrap (95% CI over documents):"] + notes
+    gate = results.get("gate")
+    if gate:
+        check = gate.get("check")
+        held = f" (held-out validation half: {_pct(check['change'])}% PPL against the fixed lambda)" if check else ""
+        lines += ["", f"memory+gate: {gate['reason']}{held}"]
     g = results.get("grids")
     if g:
         fmt = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731

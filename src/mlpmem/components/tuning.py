@@ -9,6 +9,8 @@ distribution at each swept temperature. So tuning costs no forward pass:
   edge of a grid that could go further is reported in ``edges``, and :func:`widened_grids` extends the grids
   past it (the `eval` stage then scores again, up to MAX_WIDENINGS times);
 - memory+kNN mixes the memory at its own tuned temperature with kNN-LM at each kNN temperature;
+- memory+gate (when listed in --eval.systems) starts from the memory's tuned λ and temperature and fits a per-token
+  λ on validation (:mod:`mlpmem.components.gate`); it keeps the fixed λ unless the gate wins on held-out documents;
 - a paired bootstrap over documents gives 95% intervals of each system's perplexity change against the base LM,
   and of the memory against kNN-LM (same resampled documents for both sides).
 """
@@ -19,6 +21,7 @@ import logging
 
 import numpy as np
 
+from mlpmem.components.gate import Gate, fit_gate, gated_gold
 from mlpmem.components.interpolate import mix3
 from mlpmem.components.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.components.interpolate import perplexity as ppl
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 
 FINE_STEP = 0.01
 BOOTSTRAP_SAMPLES = 1000
-COMPARISONS = (("memory", "knn"), ("memory+knn", "knn"))  # paired intervals reported besides "vs base"
+# paired intervals reported besides "vs base" (memory+gate against the same memory at its fixed λ)
+COMPARISONS = (("memory", "knn"), ("memory+knn", "knn"), ("memory+gate", "memory"))
 
 
 def _temps(scored, cfg: Config) -> tuple[list[float], list[float]]:
@@ -57,6 +61,11 @@ def system_logprobs(scored, system: str, setting: dict, cfg: Config) -> np.ndarr
         return mix2(scored.lm, mem, setting["lam"])
     if system == "memory alone":
         return mem
+    if system == "memory+gate":  # setting["gate"]: the fitted gate's parameters, or None for the fixed λ
+        if setting.get("gate") is None:
+            return mix2(scored.lm, mem, setting["lam"])
+        gate = Gate.from_dict(setting["gate"])
+        return gated_gold(scored.lm, mem, gate.lam(scored.gate_features(gate.T_mem)))
     if system == "memory+knn":
         return mix3(scored.lm, mem, scored.knn[knn_T.index(setting["T"])], setting["lam_mem"], setting["lam_knn"])
     raise ValueError(f"unknown system {system!r}")
@@ -210,8 +219,16 @@ def settle(scored_by_split: dict, cfg: Config, doc_ids: dict[str, np.ndarray] | 
                       for s, sw in sweeps.items()}
             pick = {k: v for k, v in best(sweeps[tune_split]["memory+knn"]).items() if k != "ppl"}
             chosen["memory+knn"] = _refine(tuned, "memory+knn", pick, cfg)
+    gate_report = None
+    if "memory" in chosen and "memory+gate" in cfg.eval.systems and tuned.lm_feats is None:
+        log.warning("memory+gate: the %s scores hold no gate features (scored without memory+gate): skipped",
+                    tune_split)
+    elif "memory" in chosen and "memory+gate" in cfg.eval.systems:
+        chosen["memory+gate"], gate_report = _fit_gate(tuned, chosen["memory"], cfg,
+                                                       (doc_ids or {}).get(tune_split))
     knn_T, mem_T = _temps(tuned, cfg)
-    edges = {s: e for s, st in chosen.items() if s != "memory alone" and (e := _edges(s, st, cfg, knn_T, mem_T))}
+    edges = {s: e for s, st in chosen.items()  # memory+gate's λ and temperature are the memory's
+             if s not in ("memory alone", "memory+gate") and (e := _edges(s, st, cfg, knn_T, mem_T))}
     results = {}
     for split, sc in scored_by_split.items():
         lp = {s: system_logprobs(sc, s, st, cfg) for s, st in chosen.items()}
@@ -225,8 +242,24 @@ def settle(scored_by_split: dict, cfg: Config, doc_ids: dict[str, np.ndarray] | 
                     res[s]["vs_base"] = ci[(s, "base")]
             entry["comparisons"] = {f"{a} vs {b}": ci[(a, b)] for a, b in COMPARISONS if (a, b) in ci}
         results[split] = entry
-    return {"tuned_on": tune_split, "settings": chosen, "edges": edges, "splits": results, "sweeps": sweeps,
-            "grids": {"knn_temperatures": knn_T, "memory_temperatures": mem_T, "lambdas": _lambdas(cfg)}}
+    out = {"tuned_on": tune_split, "settings": chosen, "edges": edges, "splits": results, "sweeps": sweeps,
+           "grids": {"knn_temperatures": knn_T, "memory_temperatures": mem_T, "lambdas": _lambdas(cfg)}}
+    if gate_report is not None:
+        out["gate"] = gate_report
+    return out
+
+
+def _fit_gate(tuned, memory_setting: dict, cfg: Config, doc_ids: np.ndarray | None) -> tuple[dict, dict]:
+    """memory+gate's setting (the memory's λ and temperature, and the gate's parameters or None for the fixed λ)
+    and the fit's report. Without document ids the tuning positions are split into two contiguous halves."""
+    lam, T_mem = memory_setting["lam"], memory_setting["T_mem"]
+    if doc_ids is None:
+        doc_ids = np.arange(tuned.n) * 2 // max(tuned.n, 1)
+    _, mem_Ts = _temps(tuned, cfg)
+    gate, report = fit_gate(tuned.lm, tuned.mem[mem_Ts.index(T_mem)], tuned.gate_features(T_mem), doc_ids, lam,
+                            T_mem, seed=cfg.seed)
+    log.info("memory+gate: %s (held-out NLL %s)", report["reason"], report.get("check"))
+    return {"lam": lam, "T_mem": T_mem, "gate": gate.to_dict() if gate is not None else None}, report
 
 
 def warn_edges(results: dict, where: str) -> None:
