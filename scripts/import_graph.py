@@ -5,7 +5,9 @@
 Layers, bottom to top: base (errors, files, config, runtime, assets) < components < artifacts < stages < entry
 points (cli, pipeline, bench). A module may import from its own layer or below, with two further rules: stage
 modules never import each other (only the stage table in ``mlpmem.stages``), and components know nothing of the
-run directory (no ``mlpmem.artifacts``).
+run directory (no ``mlpmem.artifacts``). The package root (``mlpmem/__init__.py``) is the public façade: it
+re-exports the API from every layer, imported on first use (module ``__getattr__``), so its edges are exempt;
+in exchange, no module of the package imports anything but ``__version__`` through it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("components", "artifacts", "stages"):
         return parts[1]
-    if len(parts) > 1 and parts[1] in ("cli", "pipeline", "compare", "sweep", "scaling", "harness", "bench", "__main__"):
+    if len(parts) > 1 and parts[1] in ("cli", "pipeline", "compare", "sweep", "scaling", "harness", "bench", "api",
+                                       "__main__"):
         return "entry"
     return "base"
 
@@ -58,9 +61,22 @@ def imports(src: Path = SRC) -> dict[str, set[str]]:
     return dict(graph)
 
 
+def facade_imports(src: Path = SRC) -> list[str]:
+    """Modules of the package that import a name other than ``__version__`` from the package root."""
+    bad = []
+    for name, path in modules(src).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mlpmem" and node.level == 0:
+                bad += [f"{name} imports {a.name} through the package root (import it from its module)"
+                        for a in node.names if a.name != "__version__" and f"mlpmem.{a.name}" not in modules(src)]
+    return bad
+
+
 def violations(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for a, deps in graph.items():
+        if a == "mlpmem":  # the façade (see the module docstring)
+            continue
         la = layer_of(a)
         for b in deps:
             lb = layer_of(b)
@@ -119,7 +135,7 @@ def main() -> int:
     args = ap.parse_args()
     graph = imports()
     draw(graph, Path(args.out))
-    bad = violations(graph)
+    bad = violations(graph) + facade_imports()
     print(f"{len(graph)} modules; wrote {args.out}")
     for b in bad:
         print("layering violation:", b)

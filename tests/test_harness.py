@@ -75,9 +75,99 @@ def test_lambda_defaults_to_the_tuned_one_and_other_models_are_refused(run):
         MemoryLM(pretrained=str(other), memory=str(tmp / "run" / "memory" / "best"), device="cpu")
     exported = tmp / "exported"
     assert main(["export", "--config", str(tmp / "cfg.yaml"), "--export.dir", str(exported)]) == 0
-    with pytest.raises(ValueError, match="lam= is required"):  # outside a run directory: no tuned lambda
-        MemoryLM(pretrained=str(tmp / "model-llama"), memory=str(exported), device="cpu")
-    assert MemoryLM(pretrained=str(tmp / "model-llama"), memory=str(exported), lam=0.3, device="cpu").lam == 0.3
+    # an exported memory carries its tuned settings in its config, outside the run directory too
+    m = MemoryLM(pretrained=str(tmp / "model-llama"), memory=str(exported), device="cpu")
+    assert (m.lam, m.mem_temperature) == (pytest.approx(res["settings"]["memory"]["lam"]),
+                                          pytest.approx(res["settings"]["memory"]["T_mem"]))
+    from mlpmem.components.memory import MLPMemory
+
+    plain = tmp / "plain-memory"  # saved outside a run directory, without tuned settings
+    MLPMemory.from_pretrained(tmp / "run" / "memory" / "best").save_pretrained(plain)
+    with pytest.raises(ValueError, match="lam= is required"):
+        MemoryLM(pretrained=str(tmp / "model-llama"), memory=str(plain), device="cpu")
+    assert MemoryLM(pretrained=str(tmp / "model-llama"), memory=str(plain), lam=0.3, device="cpu").lam == 0.3
+
+
+def test_memory_lm_takes_a_model_object_and_records_the_memory_in_the_results(run):
+    """MemoryLM(pretrained=<the model mlpmem.load returns>) evaluates the attached memory and scores what
+    MemoryLM(pretrained=<path>) scores; the results' config records λ, the temperature, the memory's fingerprint and
+    base-model fingerprint, and counts its parameters with the LM's."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import mlpmem
+    from mlpmem.components.memory import MLPMemory, memory_fingerprint
+    from mlpmem.harness import MemoryLM
+
+    tmp, tasks = run
+    model_dir, best = tmp / "model-llama", tmp / "run" / "memory" / "best"
+    tuned = json.loads((tmp / "run" / "eval" / "results.json").read_text())["settings"]["memory"]
+
+    def evaluate(lm) -> dict:
+        return simple_evaluate(model=lm, tasks=["mlpmem_local_ppl"], log_samples=False,
+                               task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+
+    model, tok = mlpmem.load(str(model_dir), memory=str(best), dtype="fp32")
+    out = evaluate(MemoryLM(pretrained=model, tokenizer=tok, batch_size=2))  # adopts the attached memory
+    by_path = evaluate(MemoryLM(pretrained=str(model_dir), memory=str(best), device="cpu", dtype="float32",
+                                batch_size=2))
+    ppl = "word_perplexity,none"
+    assert out["results"]["mlpmem_local_ppl"][ppl] == pytest.approx(by_path["results"]["mlpmem_local_ppl"][ppl],
+                                                                    rel=1e-6)
+    memory = MLPMemory.from_pretrained(best)
+    n_lm = sum(p.numel() for p in model.parameters())
+    for cfg in (out["config"], by_path["config"]):
+        assert cfg["memory_lam"] == pytest.approx(tuned["lam"]) and cfg["memory_temperature"] == pytest.approx(
+            tuned["T_mem"])
+        assert cfg["memory_fingerprint"] == memory_fingerprint(memory)
+        assert cfg["memory_base_fingerprint"] == memory.config.meta["base_fingerprint"]
+        assert (cfg["memory_num_parameters"], cfg["base_model_num_parameters"]) == (memory.num_parameters(), n_lm)
+        assert cfg["model_num_parameters"] == n_lm + memory.num_parameters()
+    assert by_path["config"]["memory_source"] == str(best)
+    # a model object and a memory to attach to it; not a second memory on top of one
+    with pytest.raises(ValueError, match="already has a memory attached"):
+        MemoryLM(pretrained=model, tokenizer=tok, memory=str(best))
+    mlpmem.detach_memory(model)
+    assert MemoryLM(pretrained=model, tokenizer=tok, memory=str(best), lam=0.5).lam == 0.5
+    mlpmem.detach_memory(model)
+    with pytest.raises(ValueError, match="memory= is required"):
+        MemoryLM(pretrained=model, tokenizer=tok)
+
+
+def test_the_lm_eval_entry_point_names_the_memory_lm():
+    """pyproject declares `mlpmem` in the lm_eval.models entry-point group; lm-eval's registry, which takes entry
+    points as lazy targets, resolves it to MemoryLM (lm-eval 0.4.13 does not scan the group itself)."""
+    import importlib.metadata as md
+    import tomllib
+
+    from lm_eval.api.registry import get_model, model_registry
+
+    from mlpmem.harness import MemoryLM
+
+    eps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+    ep = md.EntryPoint(name="mlpmem", value=eps["lm_eval.models"]["mlpmem"], group="lm_eval.models")
+    assert ep.load() is MemoryLM
+    model_registry.register("mlpmem-entry-point-test", target=ep)
+    assert get_model("mlpmem-entry-point-test") is MemoryLM
+
+
+def test_qa_tasks_declare_a_version_and_score_the_answer_log_likelihood(tmp_path):
+    """The QA tasks `mlpmem qa` writes carry metadata.version; their log-likelihood tasks declare `loglik` (the
+    answer's mean log-likelihood, what the stage reports) and `acc`, not lm-eval's per-answer "perplexity"."""
+    from lm_eval.tasks import TaskManager
+
+    from mlpmem.components.qa import Item, write_lm_eval_tasks
+
+    items = [Item(f"{split}-0-{i}", split, 0, "number", f"Doc {i} was written in", " 1850", "1850")
+             for split in ("train", "test") for i in range(2)]
+    write_lm_eval_tasks(tmp_path, items, "mlpmem_qa", max_new_tokens=4)
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    tasks = tm.load_task_or_group(["mlpmem_qa_heldin", "mlpmem_qa_heldin_loglik"])
+    gen, ll = tasks["mlpmem_qa_heldin"], tasks["mlpmem_qa_heldin_loglik"]
+    assert gen.VERSION == ll.VERSION == 1.0
+    assert set(ll._metric_fn_list) == {"acc", "loglik"} and ll.higher_is_better()["loglik"] is True
+    doc = ll.dataset["test"][0]
+    assert ll.process_results(doc, [(-2.5, True)]) == {"loglik": -2.5, "acc": 1.0}
 
 
 def test_the_command_line_runs_lm_eval_with_the_mlpmem_model(run):

@@ -308,9 +308,8 @@ def test_exported_lm_eval_tasks_score_what_the_stage_scores(qa_run):
                 assert s["filtered_resps"][0][0] == pytest.approx(rows[s["doc"]["id"]][system]["loglik"], abs=2e-4)
             assert got[f"mlpmem_qa_{side}"]["exact_match,none"] == pytest.approx(want["exact_match"]["mean"])
             assert got[f"mlpmem_qa_{side}"]["f1,none"] == pytest.approx(want["f1"]["mean"])
-            # lm-eval's perplexity aggregate is exp(-mean answer log-likelihood)
-            assert np.log(got[f"mlpmem_qa_{side}_loglik"]["perplexity,none"]) == pytest.approx(
-                -want["loglik"]["mean"], rel=1e-4)
+            # the log-likelihood task reports the mean answer log-likelihood, as `mlpmem qa` does
+            assert got[f"mlpmem_qa_{side}_loglik"]["loglik,none"] == pytest.approx(want["loglik"]["mean"], rel=1e-4)
 
 
 def test_qa_on_a_fine_tuned_run_adds_the_fine_tuned_lm(qa_run, tmp_path):

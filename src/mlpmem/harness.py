@@ -10,65 +10,93 @@ and use ``lm_eval.simple_evaluate(model="mlpmem", model_args=...)``, or build :c
 
 model_args beyond HFLM's own:
     memory           a memory folder (a run's ``memory/best``, ``joint/memory``, an ``mlpmem export`` folder) or a
-                     Hub repo id; checked against ``pretrained`` (tokenizer, weights, hook point)
-    lam              the memory's weight; default: the value `mlpmem eval` tuned, read through the run's manifests
-                     (when ``memory`` lies in a run directory), else an error
+                     Hub repo id; checked against ``pretrained`` (tokenizer, weights, hook point). From Python, also a
+                     loaded :class:`MLPMemory`, or None when ``pretrained`` is a model object that already has one
+                     attached (``mlpmem.load``)
+    lam              the memory's weight; default: the tuned one (recorded in an exported memory's config, or read
+                     through the run's manifests when ``memory`` lies in a run directory), else an error
     mem_temperature  the memory's softmax temperature; default: the tuned one, else 1
-``pretrained=default`` is the offline default model.
+``pretrained=default`` is the offline default model; from Python, ``pretrained`` may be a model object (pass its
+``tokenizer=``). The results' config records λ, the temperature, the memory's fingerprint, source and base-model
+fingerprint, and counts the memory's parameters (``get_model_info``).
+
+lm-eval versions that discover installed plugins find ``mlpmem`` through the ``lm_eval.models`` entry point in
+mlpmem's pyproject.toml; lm-eval 0.4.13 does not, hence ``mlpmem-lm-eval`` / ``import mlpmem.harness``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from mlpmem.components.hub import load_memory_for, resolve
-from mlpmem.components.joint import attach_memory
+from mlpmem.api import identity_of, resolve_settings, run_tuned_settings
+from mlpmem.components.hub import check_base, load_memory_for
+from mlpmem.components.joint import attach_memory, attached_memory
 from mlpmem.components.lm import model_identity, model_source, weights_digest
+from mlpmem.components.memory import MLPMemory, memory_fingerprint
 from mlpmem.config import ModelConfig
 
-
-def tuned_settings(memory_dir: Path) -> dict:
-    """{"lam", "T_mem"} tuned by `mlpmem eval` for the memory in ``memory_dir`` when it lies in a run directory
-    (``<run>/memory/<checkpoint>`` or ``<run>/joint/memory``), read through the eval manifest; else {}."""
-    from mlpmem.artifacts import load_eval_results
-
-    d = Path(memory_dir).resolve()  # memory/best and joint/memory are links to versioned directories
-    parent = {"memory": "eval", "joint": "eval-joint"}.get(d.parent.name)
-    run = d.parent.parent
-    if parent is None or not (run / parent).is_dir():
-        return {}
-    res = load_eval_results(run, parent)
-    st = ((res or {}).get("settings") or {}).get("memory")
-    return {"lam": float(st["lam"]), "T_mem": float(st.get("T_mem", 1.0))} if st and "lam" in st else {}
+tuned_settings = run_tuned_settings  # the name this module had for it
 
 
 @register_model("mlpmem")
 class MemoryLM(HFLM):
     """HFLM with an MLP memory mixed into the model's next-token distribution (see the module docstring)."""
 
-    def __init__(self, pretrained: str = "default", memory: str | None = None, lam: float | None = None,
-                 mem_temperature: float | None = None, revision: str | None = None, **kwargs) -> None:
+    def __init__(self, pretrained: Any = "default", memory: str | MLPMemory | None = None, lam: float | None = None,
+                 mem_temperature: float | None = None, revision: str | None = None, **kwargs: Any) -> None:
+        if isinstance(pretrained, str):
+            mcfg = ModelConfig(name=str(pretrained), revision=revision)
+            src, kw = model_source(mcfg)
+            if "gguf_file" in kw:
+                kwargs.setdefault("gguf_file", kw["gguf_file"])
+            super().__init__(pretrained=src, revision=revision or "main", **kwargs)
+            identity = model_identity(mcfg, self.model, self.tokenizer, weights_digest(src, kw, self.model))
+        else:  # a model object: HFLM takes it as it is
+            super().__init__(pretrained=pretrained, revision=revision or "main", **kwargs)
+            identity = identity_of(self.model, self.tokenizer)
+        attached = attached_memory(self.model)
         if memory is None:
-            raise ValueError("model_args: memory= is required (a memory folder or Hub repo id)")
-        mcfg = ModelConfig(name=str(pretrained), revision=revision)
-        src, kw = model_source(mcfg)
-        if "gguf_file" in kw:
-            kwargs.setdefault("gguf_file", kw["gguf_file"])
-        super().__init__(pretrained=src, revision=revision or "main", **kwargs)
-        identity = model_identity(mcfg, self.model, self.tokenizer, weights_digest(src, kw, self.model))
-        folder = resolve(memory)
-        tuned = tuned_settings(folder)
-        if lam is None and "lam" not in tuned:
-            raise ValueError(f"model_args: lam= is required: no tuned lambda found for {memory} (it is not in a run "
-                             "directory evaluated by `mlpmem eval`)")
-        self.lam = float(lam) if lam is not None else tuned["lam"]
-        self.mem_temperature = float(mem_temperature) if mem_temperature is not None else tuned.get("T_mem", 1.0)
+            if attached is None:
+                raise ValueError("model_args: memory= is required (a memory folder or Hub repo id)")
+            check_base(attached.memory.config.meta or {}, identity)
+            self.handle, self.memory = attached, attached.memory
+            if lam is not None:
+                attached.lam = lam
+            if mem_temperature is not None:
+                attached.mem_temperature = mem_temperature
+            return
+        if attached is not None:
+            raise ValueError("pretrained: this model already has a memory attached; pass memory=None to evaluate "
+                             "that one, or mlpmem.detach_memory(model) first")
         param = next(self.model.parameters())
-        self.memory = load_memory_for(folder, identity, device=str(param.device)).eval()
-        self.handle = attach_memory(self.model, self.memory, lam=self.lam, mem_temperature=self.mem_temperature)
+        self.memory = load_memory_for(memory, identity, device=str(param.device), dtype=param.dtype).eval()
+        lam, temp = resolve_settings(self.memory, lam, mem_temperature, what="model_args: lam=")
+        self.handle = attach_memory(self.model, self.memory, lam=lam, mem_temperature=temp)
+
+    @property
+    def lam(self) -> float:
+        return self.handle.lam
+
+    @property
+    def mem_temperature(self) -> float:
+        return self.handle.mem_temperature
+
+    def get_model_info(self) -> dict:
+        """HFLM's (parameters, dtype, revision, sha) for the evaluated system: ``model_num_parameters`` counts the
+        base LM and the memory (each also apart), plus the memory's λ, temperature, fingerprint and source."""
+        info = super().get_model_info()
+        base = int(info.get("model_num_parameters") or 0)
+        mem = self.memory.num_parameters()
+        meta = self.memory.config.meta or {}
+        info.update(model_num_parameters=base + mem, base_model_num_parameters=base, memory_num_parameters=mem,
+                    memory_lam=self.lam, memory_temperature=self.mem_temperature,
+                    memory_fingerprint=memory_fingerprint(self.memory), memory_source=self.memory.source,
+                    memory_base_model=meta.get("base_model"), memory_base_fingerprint=meta.get("base_fingerprint"),
+                    memory_hook=str(self.handle.hook_point))
+        return info
 
 
 def main() -> None:

@@ -8,19 +8,30 @@ GPT-2 family: LayerNorm, Linear d->I, GELU (tanh), Linear I->d, dropout on the b
 Llama family (Llama/Mistral/Qwen): RMSNorm, down(silu(gate(h)) * up(h)), no biases.
 
 A checkpoint is a folder with ``model.safetensors`` and ``config.json``; the config alone rebuilds the module, so
-inference code never needs the training code (and nothing is unpickled).
+inference code never needs the training code (and nothing is unpickled). ``MLPMemory`` is a Hugging Face Hub model
+(huggingface_hub's ``ModelHubMixin``): ``from_pretrained`` takes a folder or a Hub repo id, ``save_pretrained``
+writes the folder with a model card, ``push_to_hub`` uploads it.
+
+Why ``ModelHubMixin`` and not ``PyTorchModelHubMixin``: the PyTorch mixin loads weights with ``strict=False`` (a
+missing or mis-shaped tensor passes silently), falls back to unpickling ``pytorch_model.bin``, and rebuilds the
+config by dropping unknown keys, where a memory's config.json carries a format version and identity metadata that
+must be checked. So the generic mixin gives the Hub side (save_pretrained with a card, push_to_hub, the card's
+library and tags), and loading stays this module's strict reader.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -161,8 +172,11 @@ class LlamaBlock(nn.Module):
         return x + self.dropout(self.down(F.silu(self.gate(h)) * self.up(h)))
 
 
-class MLPMemory(nn.Module):
+class MLPMemory(nn.Module, ModelHubMixin, library_name="mlpmem", tags=["mlpmem", "mlp-memory", "knn-lm"],
+                paper_url="https://arxiv.org/abs/2508.01832"):
     """Maps an LM hidden state (..., input_size) to next-token logits (..., vocab_size)."""
+
+    source: str | None = None  # the folder or Hub repo id it was loaded from (None: built in this process)
 
     def __init__(self, config: MLPMemoryConfig):
         super().__init__()
@@ -224,23 +238,57 @@ class MLPMemory(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ------------------------------------------------------------------------- persistence
+    # ------------------------------------------------------------------------- persistence (Hub model)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` + ``config.json`` into ``directory`` (each file atomically; a training run's
-        checkpoints swap whole directories, see :func:`mlpmem.files.swapped_directory`)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        write_pretrained(self, d)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """ModelHubMixin's hook: the two checkpoint files, with the identity made shareable (:func:`shareable_meta`:
+        no local paths)."""
+        write_pretrained(self, Path(save_directory), meta=shareable_meta(self.config.meta))
+
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
+                        **push_to_hub_kwargs: Any) -> str | None:
+        """Write ``model.safetensors``, ``config.json`` and a model card (``README.md``, kept if the folder has one)
+        into ``save_directory``; ``push_to_hub=True`` then uploads it to ``repo_id``. ``model_card_kwargs`` go to
+        :func:`mlpmem.components.hub.model_card` (results, corpus, license, ...). Each file is written atomically;
+        the stages swap whole directories instead (:func:`mlpmem.files.swapped_directory`)."""
+        kw = {"memory_ref": repo_id or Path(save_directory).name, **(model_card_kwargs or {})}
+        return super().save_pretrained(save_directory, config=config, repo_id=repo_id, push_to_hub=push_to_hub,
+                                       model_card_kwargs=kw, **push_to_hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None,
+                    **kwargs: Any) -> str:
+        """Upload the memory (weights, config, model card) to the Hub repo ``repo_id`` (created if needed); see
+        ``huggingface_hub.ModelHubMixin.push_to_hub`` for ``private``, ``token``, ``commit_message``, ..."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"memory_ref": repo_id, **(model_card_kwargs or {})},
+                                   **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The card written by save_pretrained / push_to_hub (see :func:`mlpmem.components.hub.model_card`)."""
+        from mlpmem.components.hub import model_card
+
+        return ModelCard(model_card(self, **kwargs))
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> MLPMemory:
-        """Rebuild a memory from a folder written by :meth:`save_pretrained` (in eval mode)."""
-        d = Path(directory)
-        if not d.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {d} does not exist")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MLPMemory:
+        """Rebuild a memory (in eval mode) from a folder written by :meth:`save_pretrained` or a Hub repo id
+        (downloaded to the Hub cache; ``revision``, ``token``, ``cache_dir``, ``force_download`` and
+        ``local_files_only`` as in huggingface_hub). The weights are checked tensor by tensor against the config.
+        It does not check the base model: :func:`mlpmem.components.hub.load_memory_for` and ``mlpmem.load`` do."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, device=device, dtype=dtype)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                         **_: Any) -> MLPMemory:
+        d = resolve_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                           local_files_only=local_files_only, token=token)
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (d / n).is_file()]
         if missing:
             raise FileNotFoundError(f"checkpoint folder {d} is incomplete: missing {', '.join(missing)}")
@@ -261,15 +309,79 @@ class MLPMemory(nn.Module):
         check_state_dict(model, state, where=str(d))
         model.load_state_dict(state)
         model.to(device=device, dtype=dtype)
+        model.source = model_id
         return model.eval()
 
 
-def write_pretrained(memory: MLPMemory, directory: Path) -> None:
-    """Write the two checkpoint files into an existing directory (each atomically, weights first)."""
+def is_hub_id(source: str | Path) -> bool:
+    """Whether ``source`` reads as a Hub repo id (``user/name``) rather than a local path."""
+    s = str(source)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")) or Path(s).exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_folder(source: str | Path, revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """A local memory folder, or a Hub repo id downloaded to the Hub cache (its config, weights and card; needs the
+    network once). FileNotFoundError in one line otherwise."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    if not is_hub_id(source):
+        what = "is a file" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"{source} {what}: neither a memory folder nor a Hub repo id (user/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"], **hub_kwargs))
+    except Exception as e:  # offline, unknown repo, no access: one line
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FileNotFoundError(f"{source}: could not download it from the Hub ({type(e).__name__}: {first})") from None
+
+
+def shareable_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity without local paths, for a folder that leaves this machine: the base model's fingerprint and
+    tokenizer hash stay (they are what the checks compare); a base model loaded from a local folder or file is
+    named by its last path component."""
+    out = dict(meta)
+    for key in ("base_model", "base_name_or_path"):
+        v = out.get(key)
+        if isinstance(v, str) and v and not is_hub_id(v) and (os.sep in v or "/" in v or Path(v).exists()):
+            out[key] = Path(v).name
+    return out
+
+
+def memory_fingerprint(memory: nn.Module) -> str:
+    """Content hash of a memory as it is held (its architecture, and every tensor's name, dtype, shape and bytes;
+    not its ``meta``, which names what it is for): equal fingerprints compute the same function. 16 hex digits."""
+    h = hashlib.sha256()
+    cfg = getattr(memory, "config", None)
+    if isinstance(cfg, MLPMemoryConfig):
+        arch = {k: v for k, v in cfg.to_dict().items() if k not in ("meta", "dropout")}
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name, t in sorted(memory.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_pretrained(memory: MLPMemory, directory: Path, meta: dict[str, Any] | None = None) -> None:
+    """Write the two checkpoint files into an existing directory (each atomically, weights first); ``meta``
+    replaces the config's meta in config.json when given."""
     # clone+contiguous: safetensors refuses shared or non-contiguous storage
     state = {k: v.detach().contiguous().cpu() for k, v in memory.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     cfg = {"architecture": "MLPMemory", "format_version": FORMAT_VERSION, **memory.config.to_dict()}
+    if meta is not None:
+        cfg["meta"] = meta
     atomic_write_json(directory / CONFIG_NAME, cfg)
 
 

@@ -176,11 +176,17 @@ SIDES = {"train": "heldin", "test": "heldout"}
 
 def lm_eval_tasks(items: list[Item], name: str, max_new_tokens: int) -> dict[str, str]:
     """The items as lm-eval tasks, {file name: text}: per side (held-in, held-out) a generation task scored by
-    :func:`process_results` (exact match, F1) and a log-likelihood task (the answer's log-likelihood; `acc` is
-    whether greedy decoding gives the answer token for token); all tagged ``name``. Data files resolve against
-    the folder they are written to (pass it to lm-eval as --include_path)."""
-    files: dict[str, str] = {"utils.py": "# lm-eval loads the scorer from here; it is mlpmem's own.\n"
-                                         "from mlpmem.components.qa import process_results  # noqa: F401\n"}
+    :func:`process_results` (exact match, F1) and a log-likelihood task (`loglik`: the mean log-likelihood of the
+    answer, what `mlpmem qa` reports; `acc`: whether greedy decoding gives the answer token for token; lm-eval's
+    default `perplexity` there would be exp(-mean answer log-likelihood), a per-answer, not per-token, quantity, so
+    it is not declared); all tagged ``name``, with ``metadata.version`` (bump it when the tasks change). Data files
+    resolve against the folder they are written to (pass it to lm-eval as --include_path)."""
+    version = "1.0"
+    files: dict[str, str] = {"utils.py": "# lm-eval loads the scorers from here; they are mlpmem's own.\n"
+                                         "from mlpmem.components.qa import process_results  # noqa: F401\n\n\n"
+                                         "def process_loglik(doc, results):\n"
+                                         "    (ll, is_greedy), = results\n"
+                                         "    return {\"loglik\": ll, \"acc\": float(is_greedy)}\n"}
     for split, side in SIDES.items():
         rows = [it.to_json() for it in items if it.split == split]
         if not rows:
@@ -188,7 +194,8 @@ def lm_eval_tasks(items: list[Item], name: str, max_new_tokens: int) -> dict[str
         data = f"{name}_{side}.jsonl"
         files[data] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         common = (f"tag: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {{DIR}}/{data}\n"
-                  "test_split: test\ntarget_delimiter: \"\"\ndoc_to_text: \"{{prompt}}\"\n")
+                  "test_split: test\ntarget_delimiter: \"\"\ndoc_to_text: \"{{prompt}}\"\n"
+                  f"metadata:\n  version: {version}\n")
         files[f"{name}_{side}.yaml"] = (
             f"task: {name}_{side}\n" + common + "doc_to_target: \"{{answer}}\"\noutput_type: generate_until\n"
             f"generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: {max_new_tokens}\n  do_sample: false\n"
@@ -197,8 +204,9 @@ def lm_eval_tasks(items: list[Item], name: str, max_new_tokens: int) -> dict[str
             "  - {metric: f1, aggregation: mean, higher_is_better: true}\n")
         files[f"{name}_{side}_loglik.yaml"] = (
             f"task: {name}_{side}_loglik\n" + common + "doc_to_target: \"{{target}}\"\noutput_type: loglikelihood\n"
-            "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-            "  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}\n")
+            "process_results: !function utils.process_loglik\nmetric_list:\n"
+            "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+            "  - {metric: loglik, aggregation: mean, higher_is_better: true}\n")
     return files
 
 

