@@ -12,7 +12,7 @@ import yaml
 
 from helpers import make_model, make_model_dir, make_texts, make_tokenizer, write_corpus
 from mlpmem.cli import TOP_LEVEL, main
-from mlpmem.stages import COMMANDS as STAGES
+from mlpmem.commands import COMMANDS as STAGES
 from mlpmem.config import iter_options
 
 
@@ -265,3 +265,208 @@ def test_threads_default_to_every_usable_core_unless_omp_says_otherwise(monkeypa
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- packaging: the core install
+
+ROOT = Path(__file__).parents[1]
+EXTRA_ONLY = ("faiss", "datasets", "matplotlib", "peft", "lm_eval", "gguf", "bm25s", "accelerate")
+# what mlpmem.load imports when called (api.load's function-level imports) besides mlpmem.api itself
+LOAD_MODULES = ("mlpmem.api", "mlpmem.components.hub", "mlpmem.components.joint", "mlpmem.components.lm",
+                "mlpmem.components.memory", "mlpmem.config")
+
+
+def _dist_name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def _module_level_imports(module: str, src: Path) -> set[str]:
+    """Absolute names a module imports at module level (not inside functions, not under TYPE_CHECKING)."""
+    import ast
+
+    path = src / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        path = src / module.replace(".", "/") / "__init__.py"
+    found: set[str] = set()
+    if not path.is_file():  # a namespace package (mlpmem.components): nothing runs
+        return found
+
+    def visit(stmts):
+        for s in stmts:
+            if isinstance(s, ast.If) and "TYPE_CHECKING" in ast.unparse(s.test):
+                visit(s.orelse)
+            elif isinstance(s, (ast.If, ast.Try, ast.With)):
+                for block in (s.body, getattr(s, "orelse", []), getattr(s, "finalbody", []),
+                              *[h.body for h in getattr(s, "handlers", [])]):
+                    visit(block)
+            elif isinstance(s, ast.Import):
+                found.update(a.name for a in s.names)
+            elif isinstance(s, ast.ImportFrom) and s.level == 0 and s.module:
+                found.add(s.module)
+                found.update(f"{s.module}.{a.name}" for a in s.names)
+            elif isinstance(s, ast.ImportFrom):  # relative
+                pkg = module.rsplit(".", s.level)[0] if path.name != "__init__.py" else module
+                found.add(f"{pkg}.{s.module}" if s.module else pkg)
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_core_install_loads_a_memory_without_the_pipeline_extras():
+    """pyproject: the core dependencies hold none of the extras' packages, every third-party package imported at
+    module level by mlpmem.load's modules (and what they import of mlpmem, transitively) is a core dependency, and
+    `all` (what scripts/setup.sh installs for the demo and the tests) holds every extra but the GPU one."""
+    import importlib.metadata as md
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_dist_name(r) for r in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    assert not core & {"faiss-cpu", "faiss-gpu-cu12", "datasets", "matplotlib", "peft", "lm-eval", "bm25s", "gguf"}
+    assert {"torch", "transformers", "safetensors", "huggingface-hub", "numpy", "pyyaml", "tqdm"} <= core
+    assert {"faiss-cpu", "datasets", "matplotlib", "bm25s"} <= {_dist_name(r) for r in extras["pipeline"]}
+    assert {_dist_name(r) for r in extras["lora"]} == {"peft"} and "lm-eval" in map(_dist_name, extras["eval"])
+    assert extras["faiss-gpu"] == ["faiss-gpu-cu12>=1.8"]
+    def resolve(names: list[str]) -> set[str]:  # an extra's distributions, self-references ("mlpmem[a,b]") expanded
+        out: set[str] = set()
+        for n in names:
+            for r in extras[n]:
+                out |= resolve(r.split("[")[1].rstrip("]").split(",")) if _dist_name(r) == "mlpmem" else {_dist_name(r)}
+        return out
+
+    everything = resolve([n for n in extras if n not in ("all", "faiss-gpu")])
+    assert resolve(["all"]) == everything
+    import re
+
+    setup = re.search(r'pip install -q -e "\.\[([a-z,-]+)\]"', (ROOT / "scripts" / "setup.sh").read_text())
+    assert setup and resolve(setup.group(1).split(",")) == everything  # the demo and the tests get everything
+
+    src, todo, seen, third = ROOT / "src", list(LOAD_MODULES), set(), set()
+    exists = lambda m: (src / (m.replace(".", "/") + ".py")).is_file() or (src / m.replace(".", "/")).is_dir()  # noqa: E731
+    while todo:
+        mod = todo.pop()
+        if mod in seen or not exists(mod):
+            continue
+        seen.add(mod)
+        todo += [".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 1)]  # parent packages run first
+        for name in _module_level_imports(mod, src):
+            top = name.split(".")[0]
+            if top == "mlpmem":
+                todo.append(name)
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                third.add(top)
+    assert "mlpmem.components.memory" in seen and "mlpmem.runtime" in seen
+    dists = md.packages_distributions()
+    needed = {_dist_name(dists[t][0]) for t in third}
+    assert needed and needed <= core, f"imported at module level by mlpmem.load's modules but not core: {needed - core}"
+
+
+def test_load_and_generate_run_with_the_extras_missing(tmp_path):
+    """A user with the core install: the extras' packages cannot be imported (as when not installed), and
+    mlpmem.load attaches a memory folder to a model folder and generates."""
+    code = f"""
+import sys
+for name in {EXTRA_ONLY!r}:
+    sys.modules[name] = None  # `import name` raises ImportError, find_spec says not installed
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from helpers import make_model_dir
+import mlpmem
+from mlpmem.components.memory import MLPMemory, memory_config_for
+model_dir = make_model_dir(Path({str(tmp_path)!r}) / "model", "llama")
+from transformers import AutoConfig
+mem = MLPMemory(memory_config_for(AutoConfig.from_pretrained(model_dir), num_blocks=1))
+mem.save_pretrained(Path({str(tmp_path)!r}) / "memory")
+model, tok = mlpmem.load(str(model_dir), memory=str(Path({str(tmp_path)!r}) / "memory"), lam=0.3, dtype="fp32",
+                         device="cpu")
+out = model.generate(**tok(["Doc 1: the"], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+print(out.shape[1], sorted(n for n in {EXTRA_ONLY!r} if sys.modules.get(n) is not None))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLPMEM_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n, loaded = r.stdout.split(maxsplit=1)
+    assert int(n) > 3 and loaded.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+def test_progress_labels_bars_and_keeps_one_rate(monkeypatch, capsys):
+    """runtime.progress: a label tells bars with the same description apart; a postfix restating the bar's own
+    rate (tok_s on a "tok" bar) is dropped, other postfix fields are kept; MLPMEM_NO_PROGRESS and ranks > 0 draw
+    nothing."""
+    from mlpmem.runtime import progress
+
+    monkeypatch.delenv("MLPMEM_NO_PROGRESS", raising=False)
+    bar = progress(total=10, desc="extract shard 0", label="validation", unit="tok", file=sys.stderr)
+    assert bar.desc.startswith("extract shard 0 (validation)")
+    bar.update(5)
+    bar.set_postfix(tok_s="123", loss="0.5")
+    bar.set_postfix({"tok_s": "1", "lr": "1e-3"}, lr2="x")
+    assert "tok_s" not in bar.postfix and "lr=1e-3" in bar.postfix and "lr2=x" in bar.postfix
+    bar.close()
+    assert "tok/s" in capsys.readouterr().err  # the bar's own rate
+    item = progress(total=3, unit="item", file=sys.stderr)
+    item.set_postfix(items_s="2.0", em="0.5")
+    assert item.postfix == "em=0.5"
+    item.close()
+    assert progress(total=3, label="train").desc.startswith("train")
+    monkeypatch.setenv("MLPMEM_NO_PROGRESS", "1")
+    assert progress(total=3).disable
+    monkeypatch.delenv("MLPMEM_NO_PROGRESS")
+    monkeypatch.setenv("RANK", "1")
+    assert progress(total=3).disable
+
+
+def test_transformers_loading_bars_follow_mlpmem_progress(tmp_path, monkeypatch):
+    """load_lm: transformers' "Loading weights" bar (and the Hub's download bars) drawn only where mlpmem draws
+    its own; the caller's transformers setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from mlpmem.components import lm as lm_mod
+    from mlpmem.config import ModelConfig
+    from mlpmem.runtime import library_progress
+
+    model_dir = make_model_dir(tmp_path / "model", "llama")
+    seen = []
+    real = lm_mod.library_progress
+
+    def spy(*a, **kw):
+        cm = real(*a, **kw)
+
+        class Watch:
+            def __enter__(self):
+                cm.__enter__()
+                seen.append(hf_logging.is_progress_bar_enabled())
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Watch()
+
+    monkeypatch.setattr(lm_mod, "library_progress", spy)
+    hf_logging.enable_progress_bar()
+    try:
+        monkeypatch.setenv("MLPMEM_NO_PROGRESS", "1")
+        lm_mod.load_lm(ModelConfig(name=str(model_dir), dtype="fp32", device="cpu"))
+        assert seen and not any(seen) and hf_logging.is_progress_bar_enabled()  # off inside, restored after
+        seen.clear()
+        monkeypatch.delenv("MLPMEM_NO_PROGRESS")
+        monkeypatch.setenv("RANK", "1")
+        lm_mod.load_lm(ModelConfig(name=str(model_dir), dtype="fp32", device="cpu"))
+        assert seen and not any(seen)
+        seen.clear()
+        monkeypatch.delenv("RANK")
+        with library_progress():
+            assert hf_logging.is_progress_bar_enabled()  # mlpmem draws bars: transformers' are left on
+        hf_logging.disable_progress_bar()  # ... and a user's "off" is left off
+        with library_progress():
+            assert not hf_logging.is_progress_bar_enabled()
+        monkeypatch.setenv("MLPMEM_NO_PROGRESS", "1")
+        with library_progress():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -254,7 +254,7 @@ def test_train_seed_trains_a_new_memory_on_the_same_targets(assets, trained_run,
     """--train.seed seeds the memory (init, batch order, dropout): null or the top-level seed's value is the run
     already made (same fingerprint: skipped), another value a new memory on the same upstream artifacts; in a sweep
     only train and eval rerun."""
-    from mlpmem.sweep import plan
+    from mlpmem.studies.sweep import plan
 
     run = copy_of(trained_run, tmp_path / "run")
     m = json.loads((run / "memory" / "manifest.json").read_text())
@@ -285,3 +285,25 @@ def test_select_by_ce_is_recorded_in_the_manifest(assets, trained_run, tmp_path)
     s = m2["summary"]
     assert s["select_by"] == "ce" and s["best_step"] == best["step"] and s["best_val_criterion"] == best["ce"]
     assert s["best_val_ce"] == best["ce"] and s["best_val_loss"] == best["loss"]
+
+
+def test_keep_last_false_prunes_the_resume_checkpoint(assets, base_run, tmp_path, caplog):
+    """--train.keep_last false: memory/last (weights + optimizer state) is removed once best/ is chosen, before the
+    manifest lists the files; the fingerprint is the default's, eval reads best/, and a rerun is up to date."""
+    import logging
+
+    run = copy_of(base_run, tmp_path / "run")
+    cfg = config(assets, run, **{"train.keep_last": False})
+    with caplog.at_level(logging.INFO, logger="mlpmem"):
+        m = train.run(cfg)
+    mem = run / "memory"
+    assert not (mem / "last").exists() and not list(mem.glob(".last.v-*"))
+    assert (mem / "best" / "model.safetensors").is_file() and m["checkpoint"] == "best"
+    assert not any(name.startswith("last/") for name in m["files"]) and "best/model.safetensors" in m["files"]
+    assert "freed" in caplog.text and "memory/last" in caplog.text
+    # the same fingerprint as the default run (keep_last is not part of it): a rerun either way is up to date
+    assert train.run(config(assets, run, **{"train.keep_last": False})) == m
+    assert train.run(config(assets, run)) == m
+    over = {"eval.systems": ["base", "memory"], "eval.lambdas": [0.0, 0.25], "eval.splits": ["validation"]}
+    eval_stage.run(config(assets, run, **over))
+    assert json.loads((run / "eval" / "results.json").read_text())["settings"]["memory"]["lam"] is not None

@@ -251,6 +251,9 @@ class TrainConfig:
                          "alpha) * CE, which means something else for each alpha) or 'ce' (the memory's own "
                          "next-token cross-entropy, the same for every alpha). Studies comparing alpha should set "
                          "'ce'.", ("loss", "ce"))
+    keep_last: bool = opt(True, "Keep memory/last (the resumable checkpoint: weights + optimizer state, ~3x the "
+                          "memory) once training is complete; false removes it when best/ is chosen (not part of "
+                          "the fingerprint).")
 
     def seed_or(self, seed: int) -> int:
         """The seed training uses: --train.seed, else the top-level ``seed``."""
@@ -258,9 +261,11 @@ class TrainConfig:
 
     def fingerprinted(self) -> dict:
         """The options as fingerprints see them. ``seed`` is left out (callers fingerprint the seed in use, see
-        seed_or) and ``select_by`` at its default too, so runs made before these options keep their fingerprints."""
+        seed_or) and ``select_by`` at its default too, so runs made before these options keep their fingerprints;
+        ``keep_last`` never (it decides what is kept on disk after training, not what is trained)."""
         d = dataclasses.asdict(self)
         d.pop("seed")
+        d.pop("keep_last")
         if d["select_by"] == "loss":
             d.pop("select_by")
         return d

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -156,12 +159,59 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("mlpmem").setLevel(own)
 
 
-def progress(iterable=None, show: bool = True, **kw):
-    """tqdm on rank 0 (disabled elsewhere, when ``show`` is False and when MLPMEM_NO_PROGRESS is set)."""
-    from tqdm.auto import tqdm
+def progress_enabled(show: bool = True) -> bool:
+    """Whether this process draws progress bars: rank 0 only, never with MLPMEM_NO_PROGRESS set or ``show`` off."""
+    return show and dist_info().is_main and not os.environ.get("MLPMEM_NO_PROGRESS")
 
-    disable = not show or not dist_info().is_main or bool(os.environ.get("MLPMEM_NO_PROGRESS"))
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, mininterval=2.0, **kw)
+
+def progress(iterable=None, show: bool = True, label: str | None = None, **kw):
+    """tqdm on rank 0 (disabled elsewhere, when ``show`` is False and when MLPMEM_NO_PROGRESS is set).
+
+    ``label`` tells bars with the same ``desc`` apart (the split, a variant): "extract shard 0 (validation)". The bar
+    shows its own rate (tok/s for ``unit="tok"``), so a postfix restating it (``tok_s=...``) is dropped."""
+    if label:
+        kw["desc"] = f"{kw['desc']} ({label})" if kw.get("desc") else label
+    return _bar_class()(iterable, disable=not progress_enabled(show), dynamic_ncols=True, mininterval=2.0, **kw)
+
+
+@functools.cache
+def _bar_class():
+    from tqdm.auto import tqdm  # imported on first use: ``import mlpmem`` stays light
+
+    class Bar(tqdm):
+        """tqdm whose postfix leaves out a rate the bar already shows: ``tok_s`` on a bar counting "tok"."""
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            unit = getattr(self, "unit", "it")  # a disabled bar has none
+            own = {f"{unit}_s", f"{unit}s_s"}
+            kwargs = {k: v for k, v in kwargs.items() if k not in own}
+            if ordered_dict is not None:
+                ordered_dict = {k: v for k, v in dict(ordered_dict).items() if k not in own}
+            return super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    return Bar
+
+
+@contextmanager
+def library_progress(show: bool = True) -> Iterator[None]:
+    """transformers' and huggingface_hub's own bars ("Loading weights", downloads) follow mlpmem's setting
+    (:func:`progress_enabled`) inside the block: off on ranks > 0 and under MLPMEM_NO_PROGRESS, the caller's own
+    choice restored after. Where mlpmem draws bars, the libraries' settings are left as the user made them."""
+    if progress_enabled(show):
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' switch; it turns huggingface_hub's off too
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()  # turns huggingface_hub's on as well ...
+            if hub_was_off:
+                disable_progress_bars()  # ... which the caller had off
 
 
 # ----------------------------------------------------------------------------- measurement helpers (bench)

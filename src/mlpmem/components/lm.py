@@ -12,7 +12,7 @@ import torch
 from mlpmem.config import ModelConfig
 from mlpmem.errors import ConfigError, ModelLoadError
 from mlpmem.files import WEIGHT_SUFFIXES, cached_sha256, fingerprint
-from mlpmem.runtime import resolve_dtype
+from mlpmem.runtime import library_progress, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def load_tokenizer(mcfg: ModelConfig):
 
     src, kw = model_source(mcfg)
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=mcfg.trust_remote_code, **kw)
+        with library_progress():  # download bars as mlpmem's own (rank 0, MLPMEM_NO_PROGRESS)
+            return AutoTokenizer.from_pretrained(src, trust_remote_code=mcfg.trust_remote_code, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"--model.name {mcfg.name}: could not load its tokenizer ({str(e).splitlines()[0]}). "
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None
@@ -153,8 +154,9 @@ def load_lm(mcfg: ModelConfig) -> LoadedLM:
     dtype = resolve_dtype(mcfg.dtype, str(device))
     tok = load_tokenizer(mcfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=DTYPES[dtype], trust_remote_code=mcfg.trust_remote_code, **kw)
+        with library_progress():  # transformers' "Loading weights" and download bars as mlpmem's own
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=DTYPES[dtype], trust_remote_code=mcfg.trust_remote_code, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"--model.name {mcfg.name}: could not load the model ({str(e).splitlines()[0]}). "
                              "Pass an existing model directory, a .gguf file, or a hub id (needs network).") from None

@@ -8,6 +8,7 @@ extracted validation positions. The offline mode reads the stored float16 keys o
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,10 +101,30 @@ def run(cfg: Config) -> dict:
     if not dist.is_main:
         return {}
     best = out / "best" if (out / "best").is_dir() else out / "last"
+    if not cfg.train.keep_last:
+        prune_last(out, best)
     save_stage_config(cfg, "train", out)
     return write_manifest(out, "train", fp, upstream, checkpoint=best.name, params=memory.num_parameters(),
                           bytes=(best / "model.safetensors").stat().st_size, memory_config=mc.to_dict(),
                           summary=summary, input=cfg.train.input, seed=seed)
+
+
+def prune_last(out: Path, best: Path) -> int:
+    """--train.keep_last false: remove ``out/last`` (weights + optimizer state) of a finished training, before the
+    manifest lists the stage's files; returns the bytes freed. Kept when it is the only checkpoint (no validation
+    positions, so no best/). A kill before the manifest is written leaves a run that trains again from scratch."""
+    last = out / "last"
+    if best.name == "last":
+        log.warning("train: --train.keep_last false ignored: without validation positions memory/last is the "
+                    "only checkpoint")
+        return 0
+    if not last.exists():
+        return 0
+    freed = sum(f.stat().st_size for f in last.resolve().rglob("*") if f.is_file())
+    remove_directory(last)
+    log.info("train: removed %s (resumable checkpoint: weights + optimizer state; --train.keep_last false), "
+             "freed %.1f MiB", last, freed / 2**20)
+    return freed
 
 
 def online_source(cfg: Config, lm: LoadedLM, hook, n: int, n_val: int) -> OnlineSource:
