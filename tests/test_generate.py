@@ -7,7 +7,7 @@ import torch
 
 import mlpmem.stages.generate as generate
 from helpers import make_model_dir, make_texts, tiny_config, write_corpus
-from mlpmem import pipeline
+from mlpmem.studies import pipeline
 from mlpmem.artifacts import load_memory
 from mlpmem.components.capture import resolve_hook
 from mlpmem.stages import extract, index as index_stage, prepare, targets, train

@@ -257,9 +257,9 @@ def test_output_names_cannot_take_another_stages_directory(tmp_path, capsys, fla
 
 
 def test_reserved_names_cover_every_stage_and_command_output():
-    from mlpmem.compare import VARIANTS
+    from mlpmem.studies.compare import VARIANTS
     from mlpmem.config_values import RUN_DIR_NAMES
-    from mlpmem.stages import COMMANDS
+    from mlpmem.commands import COMMANDS
 
     outputs = {s.output for s in COMMANDS.values() if s.output} - {"eval"}
     assert outputs | set(VARIANTS) | {"export", "bench", "compare"} <= set(RUN_DIR_NAMES)

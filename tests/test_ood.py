@@ -98,7 +98,7 @@ def test_ood_is_prepared_once_and_off_leaves_fingerprints_alone(ood_run, capsys)
 
 
 def test_compare_table_has_out_of_domain_columns(ood_run):
-    from mlpmem.compare import table
+    from mlpmem.studies.compare import table
     from mlpmem.config import load_config
 
     tmp, run, ood, _, _, ood_args = ood_run

@@ -9,7 +9,7 @@ import yaml
 from helpers import make_texts, tiny_config, write_corpus
 from mlpmem.cli import main
 from mlpmem.config import ConfigError, load_config, point_name
-from mlpmem.sweep import plan
+from mlpmem.studies.sweep import plan
 
 
 def _cfg_file(tmp_path, **over):

@@ -11,9 +11,9 @@ import errno
 import sys
 import typing
 
+from mlpmem.commands import COMMANDS
 from mlpmem.config import Config, iter_options, load_config
 from mlpmem.errors import DiskSpaceError, UserError
-from mlpmem.stages import COMMANDS
 
 TOP_LEVEL = ["out_dir", "seed", "threads", "force"]
 # the config sections a command is about, listed first in its help (default: the section named like the command)
@@ -157,7 +157,8 @@ def _fail(args, e: BaseException, code: int, message: str | None = None) -> int:
 
 
 def run_stage(stage: str, cfg: Config):
-    """Run a command of the stage table; commands that write hold the run directory's lock."""
+    """Run a command (a stage, a study, ...: :data:`mlpmem.commands.COMMANDS`); those that write hold the run
+    directory's lock."""
     spec = COMMANDS[stage]
     if not spec.writes:
         return spec.run(cfg) if stage != "fetch-assets" else spec.run()

@@ -1,5 +1,6 @@
-"""The stage table: every stage declared once. The CLI (subcommands, help), `pipeline` and the saved configs read
-it; a stage module is imported only when it runs, so ``mlpmem --help`` stays fast.
+"""The stage table: every stage declared once. The CLI (subcommands, help, through :mod:`mlpmem.commands`), the
+studies (`pipeline`, `compare`, `sweep`) and the saved configs read it; a stage module is imported only when it
+runs, so ``mlpmem --help`` stays fast.
 
 Each stage module has ``run(cfg) -> dict`` (its manifest, or a summary) and imports only ``mlpmem.artifacts`` and
 ``mlpmem.components`` (plus the base modules config, files, runtime, errors): never another stage.
@@ -69,39 +70,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("model", "finetune", "extract", "memory", "eval", "generate"), ("train", "eval"),
           "mlpmem.stages.generate:run",
           writes=False),
+    # stages run on their own, after the pipeline
+    Stage("export", "Write the memory as a Hugging Face Hub model folder with a model card (base model, hook, corpus, "
+          "eval results); --export.push_to uploads it.",
+          ("data", "eval", "export"), ("train", "eval"), "mlpmem.stages.export:run", in_pipeline=False),
+    Stage("qa", "Corpus-knowledge QA: cloze questions whose answers (numbers, names) come from train documents (held "
+          "in) and test documents (held out); exact match, F1 and answer log-likelihood of the base LM, kNN-LM and the "
+          "memory at eval's tuned settings, with intervals; also written as lm-eval tasks.",
+          ("model", "data", "window", "finetune", "extract", "index", "knn", "memory", "eval", "qa"),
+          ("prepare", "extract", "index", "train", "eval"), "mlpmem.stages.qa:run", output="qa", in_pipeline=False),
 )}
-
-# Commands that are not pipeline stages, listed with the stages in the CLI.
-COMMANDS: dict[str, Stage] = {
-    **STAGES,
-    "pipeline": Stage("pipeline", "Run every stage in order (each skips work already done, rebuilds what is stale), "
-                      "then print the results table.",
-                      tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)), (),
-                      "mlpmem.pipeline:run", in_pipeline=False),
-    "bench": Stage("bench", "Measure speed, memory and storage side by side: base vs memory vs kNN-LM, extraction, "
-                   "training.", ("model", "data", "window", "extract", "index", "knn", "memory", "train", "bench"),
-                   (), "mlpmem.bench:run", in_pipeline=False),
-    "compare": Stage("compare", "The paper's comparison: vanilla and fine-tuned base LM (full, LoRA), each with "
-                     "kNN-LM and the memory, and the alpha = 0 control, side by side with bootstrap intervals.",
-                     tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("compare",), (),
-                     "mlpmem.compare:run", in_pipeline=False),
-    "sweep": Stage("sweep", "A study over settings (--sweep.points, e.g. memory sizes and epochs): each point a run "
-                   "directory that links the base run's outputs it shares and runs the rest, then eval; one "
-                   "table, JSON and plot.",
-                   tuple(dict.fromkeys(s for st in STAGES.values() for s in st.sections)) + ("sweep",), (),
-                   "mlpmem.sweep:run", in_pipeline=False),
-    "export": Stage("export", "Write the memory as a Hugging Face Hub model folder with a model card (base model, "
-                    "hook, corpus, eval results); --export.push_to uploads it.",
-                    ("data", "eval", "export"), ("train", "eval"), "mlpmem.stages.export:run", in_pipeline=False),
-    "qa": Stage("qa", "Corpus-knowledge QA: cloze questions whose answers (numbers, names) come from train documents "
-                "(held in) and test documents (held out); exact match, F1 and answer log-likelihood of the base LM, "
-                "kNN-LM and the memory at eval's tuned settings, with intervals; also written as lm-eval tasks.",
-                ("model", "data", "window", "finetune", "extract", "index", "knn", "memory", "eval", "qa"),
-                ("prepare", "extract", "index", "train", "eval"), "mlpmem.stages.qa:run", output="qa",
-                in_pipeline=False),
-    "fetch-assets": Stage("fetch-assets", "Download and cache the offline default model and corpus.", (), (),
-                          "mlpmem.assets:fetch_all", writes=False, in_pipeline=False),
-}
 
 
 def pipeline_stages() -> list[Stage]:
@@ -112,4 +90,4 @@ def save_stage_config(cfg, stage: str, out_dir) -> None:
     """The resolved config sections the stage reads, as YAML beside its outputs."""
     from mlpmem.config import save_config
 
-    save_config(cfg, out_dir / "config.yaml", list(COMMANDS[stage].sections))
+    save_config(cfg, out_dir / "config.yaml", list(STAGES[stage].sections))

@@ -25,18 +25,18 @@ text of another domain?
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-from mlpmem.artifacts import (DATA, FINETUNE, claim, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores, load_offsets,
-                              read_manifest)
+from mlpmem.artifacts import (DATA, FINETUNE, claim, JOINT, MEMORY, TARGETS, load_eval_results, load_eval_scores,
+                              load_offsets, read_manifest)
 from mlpmem.artifacts.readers import OOD
 from mlpmem.components.report import fmt_params
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config
 from mlpmem.disk import human_bytes
 from mlpmem.files import atomic_write_json, atomic_write_text
-from mlpmem.pipeline import joint_eval_config
+from mlpmem.stages import STAGES
+from mlpmem.studies.common import interval, joint_eval_config, link, pct, run_timed
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,7 @@ def variant_config(cfg: Config, name: str) -> Config:
     return load_config(None, {**flat_options(cfg.to_dict()), **overrides, "out_dir": str(cfg.run_dir / name)})
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink() and dst.resolve() == src.resolve():
-            return
-        raise FileExistsError(f"{dst} exists and is not a link to {src}: remove it or choose another --out_dir")
-    dst.symlink_to(src.resolve(), target_is_directory=True)
-
-
 def run(cfg: Config) -> dict:
-    from mlpmem.stages import STAGES
-
     timings: dict[str, dict[str, float]] = {}
     claim(cfg.run_dir / "compare", "compare")
     for name in cfg.compare.variants:
@@ -108,14 +97,13 @@ def run(cfg: Config) -> dict:
         # the out-of-domain corpus, prepared by vanilla's eval, is shared as the data is
         ood = (OOD,) if shared and cfg.eval.ood_source is not None and (cfg.run_dir / src / OOD).exists() else ()
         for d in shared + ood:
-            _link(cfg.run_dir / src / d, vcfg.run_dir / d)
+            link(cfg.run_dir / src / d, vcfg.run_dir / d, "--out_dir")
         timings[name] = {}
         for stage in stages:
-            t0 = time.time()
             log.info("=== compare: %s: %s ===", name, stage)
             # joint reads full's tuned lambda from eval/; the pair it trains is scored into eval-joint/
-            STAGES[stage].run(joint_eval_config(vcfg) if (name, stage) == ("joint", "eval") else vcfg)
-            timings[name][stage] = round(time.time() - t0, 1)
+            c = joint_eval_config(vcfg) if (name, stage) == ("joint", "eval") else vcfg
+            timings[name][stage] = run_timed(STAGES[stage], c, record=False)  # this run's time, done or not
     res = table(cfg)
     res["wall_seconds"] = timings
     out = cfg.run_dir / "compare"
@@ -208,20 +196,12 @@ def _changes(lp: dict, docs, seed: int) -> tuple[dict, list[dict]]:
     return ci, [{"a": a, "b": b, **ci[(a, b)]} for a, b in PAIRS if (a, b) in ci]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:+.1f}%"
-
-
-def _interval(vs: dict | None) -> str:
-    return f"{_pct(vs['change'])} [{_pct(vs['ci95'][0])}, {_pct(vs['ci95'][1])}]" if vs else ""
-
-
 def _verdicts(comparisons: list[dict]) -> list[str]:
     lines = []
     for c in comparisons:
         verdict = ("lower" if c["change"] < 0 else "higher") if c["excludes_zero"] else "no clear difference"
-        lines.append(f"- {c['a']} vs {c['b']}: {_pct(c['change'])} PPL [{_pct(c['ci95'][0])}, "
-                     f"{_pct(c['ci95'][1])}]: {verdict}")
+        lines.append(f"- {c['a']} vs {c['b']}: {pct(c['change'])} PPL [{pct(c['ci95'][0])}, "
+                     f"{pct(c['ci95'][1])}]: {verdict}")
     return lines
 
 
@@ -236,9 +216,9 @@ def _markdown(rows: list[dict], comparisons: list[dict], split: str, n_tokens: i
         edge = f" (edge: {', '.join(r['edges'])})" if r["edges"] else ""
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         storage = human_bytes(r["storage_bytes"]) if r["storage_bytes"] else "-"
-        cells = [f"{r['row']}{edge}", f"{r['ppl']:.3f}", _interval(r["vs_base"])]
+        cells = [f"{r['row']}{edge}", f"{r['ppl']:.3f}", interval(r["vs_base"])]
         if ood:
-            cells += [f"{r['ood_ppl']:.3f}" if r["ood_ppl"] is not None else "-", _interval(r["ood_vs_base"])]
+            cells += [f"{r['ood_ppl']:.3f}" if r["ood_ppl"] is not None else "-", interval(r["ood_vs_base"])]
         lines.append("| " + " | ".join(cells + [params, storage, r["compute"], tps]) + " |")
     lines += ["", f"Paired bootstrap over the documents of {split} ({n_tokens} tokens), 95% intervals; an ordering is "
               "claimed only where the interval excludes zero:"] + _verdicts(comparisons)

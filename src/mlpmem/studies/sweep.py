@@ -15,7 +15,6 @@ Every stage resumes as it does alone (manifests), so an interrupted sweep goes o
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from mlpmem.artifacts import DATASTORE, MEMORY, claim, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
@@ -23,7 +22,10 @@ from mlpmem.artifacts import DATASTORE, MEMORY, claim, load_eval_results, load_e
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config, point_name
 from mlpmem.errors import ConfigError
-from mlpmem.files import atomic_write_json, atomic_write_text, read_json
+from mlpmem.files import atomic_write_json, atomic_write_text
+from mlpmem.stages import STAGES, pipeline_stages
+from mlpmem.studies.common import interval, link, read_timings, run_timed, stage_output
+from mlpmem.studies.scaling import finetuned_vs_base, plot_scaling, projection, projection_table, scaling_table
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,7 @@ def plan(cfg: Config, point: dict) -> list[tuple[str, str, str | None]]:
     linked: owner None is the base run --out_dir, else another point's name), 'run' (built in this point), or
     'skip' (the point's eval does not need it). A stage's output depends on the point's options that it or any
     stage upstream of it reads; points with the same such options share one output, built by the first of them."""
-    from mlpmem.stages import pipeline_stages
-
-    stages = [s for s in pipeline_stages()]
+    stages = pipeline_stages()
     stages = stages[:[s.name for s in stages].index("eval") + 1]
     names = [point_name(p) for p in cfg.sweep.points]
     me = point_name(point)
@@ -90,34 +90,7 @@ def plan(cfg: Config, point: dict) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def _link(src: Path, dst: Path) -> None:
-    if dst.is_symlink() and dst.resolve() == src.resolve():
-        return
-    if dst.is_symlink() or dst.exists():
-        raise FileExistsError(f"{dst} exists and is not a link to {src}: remove it or choose another --sweep.name")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src.resolve(), target_is_directory=True)
-
-
-def _created(stage_dir: Path) -> str | None:
-    return (read_manifest(stage_dir) or {}).get("created")
-
-
-def _run_timed(stage, c: Config, output: str | None) -> None:
-    """Run a stage (it skips when done) and, when it built its output now, record its wall time in
-    ``<run>/timings.json`` (the same file `pipeline` writes)."""
-    before = _created(c.run_dir / output) if output else None
-    t0 = time.time()
-    stage.run(c)
-    if output and _created(c.run_dir / output) != before:
-        path = c.run_dir / "timings.json"
-        c.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {**(read_json(path) or {}), stage.name: round(time.time() - t0, 1)})
-
-
 def run(cfg: Config) -> dict:
-    from mlpmem.stages import STAGES
-
     if not cfg.sweep.points:
         raise ConfigError("--sweep.points: list the points to run, e.g. '[{memory.num_blocks: 2}, {train.epochs: 2}]' "
                           "({} is the config itself)")
@@ -129,17 +102,17 @@ def run(cfg: Config) -> dict:
             name = point_name(point)
             for stage, how, owner in plan(cfg, point):
                 st = STAGES[stage]
-                output = pcfg.eval.out_name if stage == "eval" else st.output
+                output = stage_output(st, pcfg)
                 if how == "skip":
                     continue
                 if how == "shared":
                     ocfg = cfg if owner is None else point_config(cfg, by_name[owner])
-                    _run_timed(st, ocfg, output)  # skips when done: built once for every point that shares it
+                    run_timed(st, ocfg)  # skips when done: built once for every point that shares it
                     if output and (ocfg.run_dir / output).exists():
-                        _link(ocfg.run_dir / output, pcfg.run_dir / output)
+                        link(ocfg.run_dir / output, pcfg.run_dir / output, "--sweep.name")
                     continue
                 log.info("=== sweep %d/%d (%s): %s ===", i, len(cfg.sweep.points), name, stage)
-                _run_timed(st, pcfg, output)
+                run_timed(st, pcfg)
             if i < len(cfg.sweep.points):
                 write_results(cfg)  # the finished points so far, for a long sweep watched while it runs
     res = write_results(cfg)
@@ -155,8 +128,6 @@ def write_results(cfg: Config) -> dict:
     atomic_write_text(root / "results.md", res["table"] + "\n")
     plot_sweep(res, root / "sweep.png")
     if res.get("scaling"):
-        from mlpmem.scaling import plot_scaling
-
         plot_scaling(res, root / "scaling.png")
     return res
 
@@ -169,7 +140,7 @@ def _wall_seconds(cfg: Config, point: dict) -> dict:
         if how == "skip":
             continue
         c = cfg if (how == "shared" and owner is None) else point_config(cfg, by_name[owner])
-        t = (read_json(c.run_dir / "timings.json") or {}).get(stage)
+        t = read_timings(c.run_dir).get(stage)
         if t is not None:
             out[stage] = t
     return out
@@ -180,7 +151,7 @@ def collect(cfg: Config) -> dict:
     wall times, and bootstrap intervals of the point's memory against the base LM and against the base point."""
     from mlpmem.components.tuning import bootstrap_changes, doc_ids_of, system_logprobs
 
-    rows, lp = [], {}
+    rows, lp, configs = [], {}, {}
     varied = sorted({k for pt in cfg.sweep.points for k in pt})
     split = "validation" if "validation" in cfg.sweep.eval.get("splits", ["validation"]) else \
         cfg.sweep.eval["splits"][0]
@@ -191,6 +162,7 @@ def collect(cfg: Config) -> dict:
         res = load_eval_results(pcfg.run_dir, pcfg.eval.out_name)
         if res is None:
             continue
+        configs[name] = pcfg
         mem_m = read_manifest(pcfg.run_dir / MEMORY) or {}
         summary = mem_m.get("summary") or {}
         flat = flat_options(pcfg.to_dict())
@@ -234,10 +206,7 @@ def collect(cfg: Config) -> dict:
     table = _markdown(rows, split, ref)
     scaling = any("knn.datastore_tokens" in pt for pt in cfg.sweep.points)
     if scaling:
-        from mlpmem.scaling import finetuned_vs_base, projection, projection_table, scaling_table
-
-        finetuned_vs_base(cfg, rows)
-
+        finetuned_vs_base(rows, configs, cfg.seed)
         proj = projection(rows)
         table += "\n\n" + scaling_table(rows) + ("\n\n" + projection_table(proj) if proj else "")
     return {"split": split, "reference_point": ref, "rows": rows, "table": table, "scaling": scaling,
@@ -268,14 +237,6 @@ def _datastore_tokens(pcfg: Config) -> int | None:
     return (read_manifest(pcfg.run_dir / DATASTORE) or {}).get("n_positions")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:+.1f}%"
-
-
-def _ci(c: dict | None) -> str:
-    return f"{_pct(c['change'])} [{_pct(c['ci95'][0])}, {_pct(c['ci95'][1])}]" if c else ""
-
-
 def _markdown(rows: list[dict], split: str, ref: str | None) -> str:
     from mlpmem.components.report import fmt_params
 
@@ -292,8 +253,8 @@ def _markdown(rows: list[dict], split: str, ref: str | None) -> str:
         params = fmt_params(r["memory_params"]) if r["memory_params"] else "-"
         epochs = f"{r['train_epochs']:g} ({r['train_steps'] or '-'})" if r["train_epochs"] is not None else "-"
         lines.append(f"| {r['point']} | {params} | {epochs} | "
-                     f"{p.get('base', nan):.3f} | {alone} | {mix} | {_ci(r.get('memory_vs_base_lm'))} | "
-                     f"{_ci(r.get('memory_vs_base_point'))} | {r['wall_seconds'].get('train', '-')} |")
+                     f"{p.get('base', nan):.3f} | {alone} | {mix} | {interval(r.get('memory_vs_base_lm'))} | "
+                     f"{interval(r.get('memory_vs_base_point'))} | {r['wall_seconds'].get('train', '-')} |")
     lines += ["", f"Settings tuned on validation per point; intervals: paired bootstrap over the documents of {split}."]
     return "\n".join(lines)
 

@@ -43,24 +43,21 @@ def scaling_rows(rows: list[dict]) -> dict:
     return {"split": split, "sizes": sizes, "finetuned": {k: v for k, v in ft.items() if k}, "memory": mem}
 
 
-def finetuned_vs_base(cfg, rows: list[dict]) -> None:
+def finetuned_vs_base(rows: list[dict], configs: dict, seed: int) -> None:
     """Set ``finetuned_vs_base_lm`` on each fine-tuned LM's row: the paired bootstrap change of its perplexity
     against the base LM on the scaling split, the base LM's scores taken from a corpus-size point (the same text
-    and model; a fine-tuned point evaluates its own LM alone)."""
+    and model; a fine-tuned point evaluates its own LM alone). ``configs``: each point's config, by point name."""
     from mlpmem.artifacts import load_eval_scores, load_offsets
     from mlpmem.components.tuning import bootstrap_changes, doc_ids_of
-    from mlpmem.config import point_name
-    from mlpmem.sweep import point_config
 
     split = _split(rows) if rows else "test"
     g = scaling_rows(rows)
     base_from = next((r for r in g["sizes"] if "base" in r["splits"].get(split, {}).get("systems", {})), None)
     if not g["finetuned"] or base_from is None:
         return
-    points = {point_name(p): p for p in cfg.sweep.points}
 
     def gold(name: str):  # (the point's config, its split's log p(gold) under its own LM)
-        pcfg = point_config(cfg, points[name])
+        pcfg = configs[name]
         return pcfg, np.asarray(load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split).lm, dtype=np.float64)
 
     bcfg, base_lp = gold(base_from["point"])
@@ -74,7 +71,7 @@ def finetuned_vs_base(cfg, rows: list[dict]) -> None:
                              "same text")
         pair = ("finetuned", "base")
         r["finetuned_vs_base_lm"] = bootstrap_changes({"finetuned": lp, "base": base_lp}, docs, [pair],
-                                                      seed=cfg.seed)[pair]
+                                                      seed=seed)[pair]
 
 
 def _ppl(r: dict, split: str, system: str) -> str:
