@@ -2,6 +2,10 @@
 
     python scripts/import_graph.py [--out docs/img/import_graph.png]
 
+Beside the picture, ``import_graph.txt`` lists what it shows (each module, its layer and its imports): text that
+does not depend on the matplotlib version, so tests/test_layout.py can tell a stale picture (the list differs from
+the source's imports), redraw it and fail until both files are committed.
+
 Layers, bottom to top: base (errors, files, config, runtime, assets) < components < artifacts < stages < entry
 points (cli, pipeline, bench). A module may import from its own layer or below, with two further rules: stage
 modules never import each other (only the stage table in ``mlpmem.stages``), and components know nothing of the
@@ -18,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+PICTURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "import_graph.png"
 LAYERS = ["base", "components", "artifacts", "stages", "entry"]
 
 
@@ -25,8 +30,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("components", "artifacts", "stages"):
         return parts[1]
-    if len(parts) > 1 and parts[1] in ("cli", "pipeline", "compare", "sweep", "scaling", "harness", "bench", "api",
-                                       "__main__"):
+    if len(parts) > 1 and parts[1] in ("cli", "commands", "studies", "harness", "bench", "api", "__main__"):
         return "entry"
     return "base"
 
@@ -101,7 +105,7 @@ def draw(graph: dict[str, set[str]], out: Path) -> None:
         ms = rows[ly]
         for x, m in enumerate(ms):
             pos[m] = ((x + 0.5) / len(ms), y)
-    fig, ax = plt.subplots(figsize=(16, 8))
+    fig, ax = plt.subplots(figsize=(max(16.0, 0.85 * max(len(ms) for ms in rows.values())), 8))  # labels apart
     for a, deps in graph.items():
         for b in deps:
             (x0, y0), (x1, y1) = pos[a], pos[b]
@@ -129,14 +133,40 @@ def draw(graph: dict[str, set[str]], out: Path) -> None:
     plt.close(fig)
 
 
+def describe(graph: dict[str, set[str]]) -> str:
+    """What the picture shows, as text: a header, then one line per module, "<module> (<layer>): <imports>"."""
+    lines = ["# mlpmem's import graph, drawn in import_graph.png: module (layer): the modules it imports.",
+             "# Written with the picture by scripts/import_graph.py; tests/test_layout.py redraws both when the",
+             "# source's imports differ from this list."]
+    lines += [f"{m} ({layer_of(m)}): {' '.join(sorted(graph[m]))}".rstrip() for m in sorted(graph)]
+    return "\n".join(lines) + "\n"
+
+
+def write(graph: dict[str, set[str]], out: Path = PICTURE) -> None:
+    """Draw the picture at ``out`` and write its edge list beside it (``.txt``), the picture first: a failed
+    drawing leaves the old list, so the picture still counts as stale."""
+    draw(graph, out)
+    out.with_suffix(".txt").write_text(describe(graph))
+
+
+def refresh(graph: dict[str, set[str]], out: Path = PICTURE) -> bool:
+    """Redraw the picture when it is stale (its edge list differs from ``graph``, or either file is missing);
+    returns whether it was."""
+    txt = out.with_suffix(".txt")
+    if out.is_file() and txt.is_file() and txt.read_text() == describe(graph):
+        return False
+    write(graph, out)
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "import_graph.png"))
+    ap.add_argument("--out", default=str(PICTURE))
     args = ap.parse_args()
     graph = imports()
-    draw(graph, Path(args.out))
+    write(graph, Path(args.out))
     bad = violations(graph) + facade_imports()
-    print(f"{len(graph)} modules; wrote {args.out}")
+    print(f"{len(graph)} modules; wrote {args.out} and {Path(args.out).with_suffix('.txt')}")
     for b in bad:
         print("layering violation:", b)
     return 1 if bad else 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import mlpmem.components.extraction as extraction
 import mlpmem.stages.extract as extract
 from helpers import make_model_dir, make_texts, tiny_config, write_corpus
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_killed_extract_resumes_byte_identical(assets, tmp_path, monkeypatch, sh
     n_windows = len(plan_windows(len(load_split(cfg.run_dir, "train")[0]), cfg.window.context, cfg.window.stride))
     die_after = 6 if shards == 1 else n_windows // 2 + 3  # 2 shards: shard 0 finished, shard 1 half done
     monkeypatch.setattr(extract, "FLUSH_EVERY", 1)  # save progress after every window
-    real = extract.forward_hidden
+    real = extraction.forward_hidden
     calls = {"n": 0, "die": True}
 
     def dying(*a, **kw):
@@ -105,7 +106,7 @@ def test_killed_extract_resumes_byte_identical(assets, tmp_path, monkeypatch, sh
             raise RuntimeError("killed")
         return real(*a, **kw)
 
-    monkeypatch.setattr(extract, "forward_hidden", dying)
+    monkeypatch.setattr(extraction, "forward_hidden", dying)
     with pytest.raises(RuntimeError, match="killed"):
         extract.run(cfg)
     store = (Path(cfg.run_dir) / 'datastore')
@@ -127,7 +128,7 @@ def test_resume_with_a_lost_key_file_restarts_the_shard(assets, tmp_path, monkey
     cfg = config(assets, tmp_path / "run", **{"window.batch_size": 2})
     prepare.run(cfg)
     monkeypatch.setattr(extract, "FLUSH_EVERY", 1)
-    real, calls = extract.forward_hidden, {"n": 0}
+    real, calls = extraction.forward_hidden, {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
@@ -135,7 +136,7 @@ def test_resume_with_a_lost_key_file_restarts_the_shard(assets, tmp_path, monkey
             raise RuntimeError("killed")
         return real(*a, **kw)
 
-    monkeypatch.setattr(extract, "forward_hidden", dying)
+    monkeypatch.setattr(extraction, "forward_hidden", dying)
     with pytest.raises(RuntimeError):
         extract.run(cfg)
     store = (Path(cfg.run_dir) / 'datastore')

@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from helpers import make_texts, tiny_config, tiny_lm, write_corpus
-from mlpmem.artifacts.readers import load_scores, save_scores, tuned_memory_gate
+from mlpmem.artifacts.readers import load_scores, save_scores, tuned_settings
 from mlpmem.components.capture import register_capture, resolve_hook
 from mlpmem.components.gate import FEATURES, Gate, features, fit_gate, gated_gold, split_documents
 from mlpmem.components.interpolate import memory_logprobs, mix_gold, mix_logprobs, mix_logprobs_per_token
@@ -287,7 +287,7 @@ def test_eval_stage_fits_saves_and_reports_the_gate(tmp_path, capsys):
     for split in ("validation", "test"):
         r = res["splits"][split]["systems"]["memory+gate"]
         assert 1.0 < r["ppl"] < 1e4 and "vs_base" in r
-    gate = tuned_memory_gate(tmp_path / "run", "eval")
+    gate = tuned_settings(tmp_path / "run", "eval").gate
     assert (gate is not None) == res["gate"]["used"]
     if gate is not None:
         assert gate.to_dict() == res["settings"]["memory+gate"]["gate"] == saved["gate"]

@@ -16,6 +16,16 @@ def test_layers_hold():
     assert import_graph.violations(graph) == []
 
 
+def test_the_import_graph_picture_is_current():
+    """docs/img/import_graph.png shows the imports of the source as it is: its edge list (import_graph.txt beside
+    it, text that does not depend on the matplotlib version) must equal the source's. A stale pair is redrawn here,
+    and the test fails until the new files are committed."""
+    picture = import_graph.PICTURE
+    if import_graph.refresh(import_graph.imports(), picture):
+        raise AssertionError(f"{picture} was stale (the modules or imports in {picture.with_suffix('.txt').name} "
+                             "differed from the source's): redrawn; commit it and the .txt beside it")
+
+
 def test_the_checker_sees_a_violation():
     graph = import_graph.imports()
     graph["mlpmem.stages.train"] = graph["mlpmem.stages.train"] | {"mlpmem.stages.extract"}
@@ -26,7 +36,7 @@ def test_the_checker_sees_a_violation():
 
 
 def test_every_stage_module_is_in_the_table():
-    from mlpmem.stages import COMMANDS
+    from mlpmem.commands import COMMANDS
 
     graph = import_graph.imports()
     stage_modules = {m for m in graph if m.startswith("mlpmem.stages.")}

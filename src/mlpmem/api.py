@@ -55,17 +55,17 @@ def check_memory(model: nn.Module, tokenizer: Any, memory: MLPMemory | PathLike,
 
 def run_tuned_settings(memory_dir: PathLike) -> dict:
     """{"lam", "T_mem"} tuned by `mlpmem eval` for the memory in ``memory_dir`` when it lies in a run directory
-    (``<run>/memory/<checkpoint>`` or ``<run>/joint/memory``), read through the eval manifest; else {}."""
-    from mlpmem.artifacts import load_eval_results
+    (``<run>/memory/<checkpoint>`` or ``<run>/joint/memory``), read by :func:`mlpmem.artifacts.tuned_settings`
+    (through the eval manifest and its upstream chain); {} when that run has no finished evaluation of it."""
+    from mlpmem.artifacts import is_complete, tuned_settings
 
     d = Path(memory_dir).resolve()  # memory/best and joint/memory are links to versioned directories
     parent = {"memory": "eval", "joint": "eval-joint"}.get(d.parent.name)
     run = d.parent.parent
-    if parent is None or not (run / parent).is_dir():
+    if parent is None or not is_complete(run / parent):
         return {}
-    res = load_eval_results(run, parent)
-    st = ((res or {}).get("settings") or {}).get("memory")
-    return {"lam": float(st["lam"]), "T_mem": float(st.get("T_mem", 1.0))} if st and "lam" in st else {}
+    tuned = tuned_settings(run, parent, memory=False)
+    return {"lam": tuned.lam, "T_mem": tuned.mem_T} if tuned.lam is not None else {}
 
 
 def tuned_settings(memory: MLPMemory) -> dict:
@@ -82,8 +82,9 @@ def tuned_settings(memory: MLPMemory) -> dict:
 
 def resolve_settings(memory: MLPMemory, lam: float | None, mem_temperature: float | None,
                      what: str = "lam") -> tuple[float, float]:
-    """(lam, mem_temperature): the given ones, else the tuned ones (:func:`tuned_settings`); a ValueError naming
-    ``what`` when no λ is given or recorded."""
+    """(lam, mem_temperature) by the rule of :func:`mlpmem.artifacts.tuned_settings`: the given ones, else the
+    tuned ones (:func:`tuned_settings`), else a ValueError naming ``what`` (no default λ); a temperature nobody
+    tuned is 1."""
     settings = tuned_settings(memory)
     if lam is None and "lam" not in settings:
         raise ValueError(f"{what} is required: no tuned lambda is recorded for the memory {memory.source or ''} "

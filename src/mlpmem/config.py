@@ -355,7 +355,8 @@ class EvalConfig:
 class GenerateConfig:
     prompts: list[str] = opt(["The history of the Roman Empire", "Photosynthesis is"], "Prompts to continue.")
     max_new_tokens: int = opt(40, "Tokens generated per prompt.")
-    lam: float | None = opt(None, "Memory weight; None: the value tuned by eval (else 0.25).")
+    lam: float | None = opt(None, "Memory weight; None: the value tuned by eval (an error when there is none: run "
+                            "eval or set it).")
     do_sample: bool = opt(False, "Sample instead of greedy decoding.")
     num_beams: int = opt(1, "Beam width.")
     temperature: float = opt(1.0, "Sampling temperature.")

@@ -34,10 +34,16 @@ OWNER = ".mlpmem-owner"  # the kind of writer (stage or command) a directory bel
 # the option that names a writer's directory, for messages (the others live at fixed names under --out_dir)
 NAMED_BY = {"eval": "--eval.out_name", "sweep": "--sweep.name"}
 
-# stage -> the command that makes it (for messages)
-COMMANDS = {"prepare": "mlpmem prepare", "finetune": "mlpmem finetune", "extract": "mlpmem extract", "index": "mlpmem index",
-            "knn-targets": "mlpmem knn-targets", "train": "mlpmem train", "eval": "mlpmem eval",
-            "joint": "mlpmem joint", "qa": "mlpmem qa"}
+# writers whose command is not `mlpmem <their name>` (the out-of-domain split is prepared by eval)
+_MADE_BY = {"ood": "mlpmem eval"}
+
+
+def command_of(stage: str | None) -> str:
+    """The command that makes a stage's output, for messages: `mlpmem <stage>`, as the stage table names its
+    subcommands (``mlpmem.stages``, a higher layer, is not read here); "its stage" when the writer is unknown."""
+    if not stage:
+        return "its stage"
+    return _MADE_BY.get(stage, f"mlpmem {stage}")
 
 _rebuild_stale: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_stale", default=False)
 
@@ -87,7 +93,7 @@ def claim(d: str | Path, kind: str) -> None:
     d = Path(d)
     who = owner_of(d)
     if who not in (None, kind):
-        raise StageError(f"{d} holds {who} output (`{COMMANDS.get(who, 'mlpmem ' + who)}`), and only {who} writes "
+        raise StageError(f"{d} holds {who} output (`{command_of(who)}`), and only {who} writes "
                          f"there: choose another {NAMED_BY.get(kind, '--out_dir')} for {kind}'s output "
                          "(--force does not change whose directory it is)")
     if who is None:
@@ -132,7 +138,7 @@ def invalidate(stage_dir: str | Path) -> None:
 
 def require_manifest(stage_dir: str | Path, stage: str, command: str | None = None) -> dict:
     """The complete manifest of a stage directory, or a StageError naming the command that makes it."""
-    command = command or COMMANDS.get(stage, f"mlpmem {stage}")
+    command = command or command_of(stage)
     m = read_manifest(stage_dir)
     if m is None or not m.get("complete"):
         raise StageError(f"no complete {stage} output in {stage_dir}: run `{command}` first")
@@ -165,14 +171,14 @@ def verify_chain(run_dir: str | Path, key: str, stage: str, _seen: dict | None =
     for up_key, up_fp in m.get("upstream", {}).items():
         up_dir = _resolve(run_dir, up_key)
         up = read_manifest(up_dir)
-        up_stage = (up or {}).get("stage", "the upstream stage")
+        up_stage = (up or {}).get("stage") or "the upstream stage"
         if up is None or not up.get("complete"):
             raise StageError(f"{where} ({stage}) was made from {up_dir}, which now holds no complete output: rerun "
-                             f"`{COMMANDS.get(up_stage, 'its stage')}` and then `{COMMANDS[stage]} --force`, or "
+                             f"`{command_of((up or {}).get('stage'))}` and then `{command_of(stage)} --force`, or "
                              "`mlpmem pipeline`")
         if up.get("fingerprint") != up_fp:
             raise StageError(f"{where} ({stage}) is stale: it was made from an older {up_stage} output in {up_dir} "
-                             f"(rerun since). Rerun `{COMMANDS[stage]} --force` and the stages after it, or "
+                             f"(rerun since). Rerun `{command_of(stage)} --force` and the stages after it, or "
                              "`mlpmem pipeline`, which rebuilds stale stages")
         # this run's artifact: down its chain too; another run's (an absolute key, a teacher's) is that run's care
         if not Path(up_key).is_absolute():
@@ -193,7 +199,7 @@ def should_skip(stage_dir: str | Path, stage: str, fp: str, force: bool, upstrea
     rather than silently mixing them, unless ``force`` (or, inside :func:`rebuilding_stale`, when only the inputs
     changed).
     """
-    command = COMMANDS.get(stage, f"mlpmem {stage}")
+    command = command_of(stage)
     claim(stage_dir, stage)
     m = read_manifest(stage_dir)
     if m is None or not m.get("complete") or force:

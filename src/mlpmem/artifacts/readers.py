@@ -17,10 +17,12 @@ Layout under ``--out_dir``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ import torch
 from mlpmem.artifacts.manifest import read_manifest, verify_chain
 from mlpmem.errors import StageError
 from mlpmem.files import cached_per_file, fingerprint, load_npy, read_json
+
+if TYPE_CHECKING:
+    from mlpmem.components.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +157,6 @@ def load_offsets(run_dir: Path, split: str) -> np.ndarray:
 def base_model(cfg) -> tuple:
     """(ModelConfig of the base LM every later stage uses, upstream links). With --finetune.mode full/lora that is
     this run's fine-tuned model directory (checked: complete, fresh, made with that mode); else --model as given."""
-    import dataclasses
-
     if cfg.finetune.mode == "none":
         return cfg.model, {}
     m = verify_chain(cfg.run_dir, FINETUNE, "finetune")
@@ -170,8 +173,6 @@ def base_model(cfg) -> tuple:
 def joint_model(cfg) -> tuple:
     """(ModelConfig of the LM trained jointly with the memory, the memory's directory, the joint manifest): the
     outputs of `mlpmem joint` in this run, checked complete and fresh."""
-    import dataclasses
-
     m = verify_chain(cfg.run_dir, JOINT, "joint")
     d = (cfg.run_dir / JOINT).absolute()
     return dataclasses.replace(cfg.model, name=str(d / FINETUNED_MODEL), revision=None), d / JOINT_MEMORY, m
@@ -481,25 +482,63 @@ def load_eval_scores(run_dir: Path, out_name: str, split: str):
                         for r in range(world)])
 
 
-def tuned_memory_lambda(run_dir: Path, out_name: str) -> float | None:
-    """The memory weight tuned by `eval` on validation, or None when no finished evaluation has one."""
-    res = load_eval_results(run_dir, out_name)
-    lam = ((res or {}).get("settings") or {}).get("memory", {}).get("lam")
-    return float(lam) if lam is not None and math.isfinite(lam) else None
+@dataclasses.dataclass(frozen=True)
+class TunedSettings:
+    """The mixing settings later stages use, as :func:`tuned_settings` resolves them.
+
+    lam, mem_T: the memory's weight and softmax temperature (lam None only when the caller did not ask for the
+    memory and eval did not tune it); knn_lam, knn_T: kNN-LM's, None when eval did not tune it; gate: the adaptive
+    gate fitted for memory+gate (:class:`mlpmem.components.gate.Gate`), None when eval has none or kept the fixed
+    λ; source: where lam came from (a flag, or the results file); systems: every system's setting as eval recorded
+    it ({} without a finished evaluation); fingerprint: the evaluation's (record it as an upstream), or None."""
+
+    lam: float | None
+    mem_T: float
+    knn_lam: float | None = None
+    knn_T: float | None = None
+    gate: "Gate | None" = None
+    source: str = ""
+    systems: dict = dataclasses.field(default_factory=dict)
+    fingerprint: str | None = None
 
 
-def tuned_memory_gate(run_dir: Path, out_name: str):
-    """The adaptive gate (:class:`mlpmem.components.gate.Gate`) fitted by `eval` with system memory+gate, or None
-    when the evaluation has none or kept the fixed λ (its results' ``gate`` report says why)."""
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def tuned_settings(run_dir: Path, out_name: str, lam: float | None = None, *, flag: str | None = None,
+                   mem_T: float = 1.0, memory: bool = True) -> TunedSettings:
+    """The settings every stage that mixes the memory (or kNN-LM) in uses, by ONE rule:
+
+    a value the user set explicitly (``lam``, from ``flag``: --generate.lam, --joint.lam) wins; else the value a
+    finished `mlpmem eval` in ``<run_dir>/<out_name>`` tuned on validation (read through its manifest and upstream
+    chain: a stale evaluation is refused, never silently used); else a StageError saying to run `mlpmem eval` or
+    set ``flag`` (the option that gives ``lam``; None where there is none). No number is made up: there is no
+    default λ.
+
+    The temperatures go with the tuned λ: the memory's is eval's tuned one, else ``mem_T`` (the configured
+    --memory.temperature: a λ given without an evaluation is used at it). ``memory``: the caller mixes the memory
+    in, so a memory λ is required; False (e.g. `qa`, which uses whatever eval tuned) requires only a finished
+    evaluation."""
     from mlpmem.components.gate import Gate
 
+    where = Path(run_dir) / out_name
     res = load_eval_results(run_dir, out_name)
-    g = ((res or {}).get("settings") or {}).get("memory+gate", {}).get("gate")
-    return Gate.from_dict(g) if g else None
-
-
-def tuned_memory_temperature(run_dir: Path, out_name: str) -> float | None:
-    """The memory's inference temperature tuned by `eval` on validation, or None."""
-    res = load_eval_results(run_dir, out_name)
-    t = ((res or {}).get("settings") or {}).get("memory", {}).get("T_mem")
-    return float(t) if t is not None else None
+    systems = dict((res or {}).get("settings") or {})
+    mem, knn, gated = systems.get("memory") or {}, systems.get("knn") or {}, systems.get("memory+gate") or {}
+    tuned_lam = _finite(mem.get("lam"))
+    if lam is not None:
+        use, source = float(lam), flag or "given"
+    elif tuned_lam is not None:
+        use, source = tuned_lam, f"{where / 'results.json'} (tuned on validation)"
+    elif memory or res is None:
+        command = "mlpmem eval" + ("" if out_name == "eval" else f" --eval.out_name {out_name}")
+        raise StageError(f"no tuned {'memory lambda' if memory else 'settings'} in {where}: run `{command}` first"
+                         + (" (with memory among --eval.systems)" if memory else "")
+                         + (f", or set {flag}" if flag else ""))
+    else:
+        use, source = None, f"{where / 'results.json'}"
+    return TunedSettings(
+        lam=use, mem_T=_finite(mem.get("T_mem")) or float(mem_T), knn_lam=_finite(knn.get("lam")),
+        knn_T=_finite(knn.get("T")), gate=Gate.from_dict(gated["gate"]) if gated.get("gate") else None,
+        source=source, systems=systems, fingerprint=res["fingerprint"] if res is not None else None)

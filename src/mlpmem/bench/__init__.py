@@ -6,7 +6,7 @@ Every number comes from the same run, the same model, dtype, device and scored t
   the base LM, base + memory for each size of ``--bench.memory_blocks`` (random weights: cost does not depend on
   them) and base + kNN-LM with a Flat and an IVFPQ index, at each datastore size of ``--bench.sizes``;
 - index build seconds and storage bytes (datastore, indexes, memory) per size;
-- key extraction (``extract.extract_shard``: forward_hidden + float16 copy into a memmap) against the bare body
+- key extraction (``extraction.extract_keys``: forward_hidden + float16 copy into a memmap) against the bare body
   forward on the same windows, interleaved chunk by chunk so load drift hits both alike;
 - memory training steps with the trainer's sparse loss vs the same loss through plain autograd (its previous
   implementation) and vs dense vocabulary-size targets (one scatter, or rebuilt row by row as earlier
@@ -120,7 +120,7 @@ def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> t
     machine-load drift hits both alike. The ratio is the median of the per-batch ratios (robust to a load spike)."""
     from mlpmem.components.capture import decoder_body, forward_hidden
     from mlpmem.components.data import batch_windows, plan_windows
-    from mlpmem.stages.extract import extract_shard
+    from mlpmem.components.extraction import extract_keys
     from mlpmem.files import shard_name
 
     wc = cfg.window
@@ -139,7 +139,7 @@ def bench_extraction(cfg: Config, lm, hook, tokens: np.ndarray, work: Path) -> t
 
     def extract(s: int, group) -> float:
         t0 = time.perf_counter()
-        extract_shard(lm, hook, tokens, group, work, s, len(groups), wc.batch_size, fp="bench")
+        extract_keys(lm, hook, tokens, group, work, s, len(groups), wc.batch_size)
         sync(dev)
         return time.perf_counter() - t0
 

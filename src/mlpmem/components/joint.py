@@ -219,7 +219,7 @@ def attach_memory(model: nn.Module, memory: nn.Module, lam: float = 0.25, hook: 
     """Mix `memory` into `model`'s next-token distribution at every forward; returns the handle (detach() to undo).
 
     mem_temperature: the memory's inference temperature; default the gate's (it was fitted at it), else 1.
-    gate: an adaptive gate (components/gate.py; e.g. artifacts.readers.tuned_memory_gate): λ per position from it,
+    gate: an adaptive gate (components/gate.py; e.g. artifacts.tuned_settings(...).gate): λ per position from it,
         `lam` then unused.
 
     memory: any module mapping hidden states (..., d) -> logits (..., V); its optional `config.meta` may name the

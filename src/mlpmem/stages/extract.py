@@ -12,31 +12,26 @@ from there and produces files identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mlpmem.artifacts import DATA, DATASTORE, DATASTORE_VAL, base_model, invalidate, load_split, should_skip, \
     verify_chain, write_manifest
-from mlpmem.components.capture import forward_hidden, resolve_hook
-from mlpmem.components.data import batch_windows, plan_windows, shard_windows
+from mlpmem.components.capture import resolve_hook
+from mlpmem.components.data import plan_windows, shard_windows
+from mlpmem.components.extraction import extract_keys, reopen_keys
 from mlpmem.components.lm import LoadedLM, check_context, load_lm
 from mlpmem.config import Config
 from mlpmem.errors import StageError
-from mlpmem.files import Progress, atomic_write_json, create_memmap, fingerprint, read_json, shard_name
-from mlpmem.runtime import barrier, dist_info, fault_point, progress
+from mlpmem.files import Progress, atomic_write_json, fingerprint, read_json
+from mlpmem.runtime import barrier, dist_info, fault_point
 from mlpmem.stages import save_stage_config
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 8  # batches between checkpoints of a shard's progress
-TRACE_ENV = "MLPMEM_TRACE"  # test hook, off by default: see _trace
 
 
 def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str, data_fp: str) -> str:
@@ -45,73 +40,21 @@ def extract_fingerprint(cfg: Config, lm: LoadedLM, hook: str, data_fp: str) -> s
 
 
 def extract_shard(lm: LoadedLM, hook, tokens: np.ndarray, windows, out: Path, shard: int, n_shards: int,
-                  batch_size: int, fp: str) -> dict:
-    """Write keys/vals of one shard (rows ``[windows[0].score_from, windows[-1].end)``); resumable."""
-    start, stop = windows[0].score_from, windows[-1].end
-    kpath, vpath = out / shard_name("keys", shard, n_shards), out / shard_name("vals", shard, n_shards)
+                  batch_size: int, fp: str, split: str = "train") -> dict:
+    """Write keys/vals of one shard (:func:`mlpmem.components.extraction.extract_keys`), resumable: the windows
+    done are recorded in ``.progress-SSSSS.json`` after every flush of the keys (every FLUSH_EVERY batches), and
+    ``.shard-SSSSS.json`` marks the shard finished."""
     prog = Progress(out / f".progress-{shard:05d}.json", fp)
-    vals = tokens[start + 1:stop + 1].astype(np.int32)  # value of row t is token t+1
-    vm = create_memmap(vpath, np.int32, (stop - start,))
-    vm[:] = vals
-    vm.flush()
-    keys, done_w = None, prog.done
-    if done_w:
-        # Resume only onto the key file the killed run wrote; if it is gone or reshaped, start the shard over
-        # (reopening with a guessed width could silently zero the finished windows' keys).
-        keys = _reopen_keys(kpath, stop - start)
-        if keys is None:
-            log.warning("extract: %s is missing or unreadable; restarting shard %d from its first window",
-                        kpath.name, shard)
-            done_w = 0
-    bar = progress(total=stop - start, desc=f"extract shard {shard}", unit="tok")
-    bar.update(sum(w.end - w.score_from for w in windows[:done_w]))
-    t0, n_new = time.perf_counter(), 0
-    todo = windows[done_w:]
-    traced = os.environ.get(TRACE_ENV)
-    key_digest, span = (hashlib.sha256() if traced else None), None
-    for bi, (ids, mask, group) in enumerate(batch_windows(tokens, todo, batch_size)):
-        with torch.inference_mode():
-            h = forward_hidden(lm.model, hook, ids.to(lm.device), mask.to(lm.device))
-        if keys is None:
-            keys = create_memmap(kpath, np.float16, (stop - start, h.shape[-1]))
-        for j, w in enumerate(group):
-            rows = h[j, w.score_from - w.begin:w.end - w.begin]
-            k16 = rows.to(torch.float16)
-            if not torch.isfinite(k16).all():
-                bad = w.score_from + int((~torch.isfinite(k16)).any(-1).nonzero()[0])
-                raise StageError(f"non-finite key at train position {bad} (float16 overflow or a NaN in the "
-                                 f"model at {hook}); use another --extract.hook or --model.dtype fp32")
-            keys[w.score_from - start:w.end - start] = k16.cpu().numpy()
-            n_new += w.end - w.score_from
-            if key_digest is not None:  # what this process computed, in row order
-                key_digest.update(k16.cpu().numpy().tobytes())
-                span = [span[0] if span else w.score_from, w.end]
-        done_w += len(group)
-        bar.update(sum(w.end - w.score_from for w in group))
-        bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.0f}")
-        if (bi + 1) % FLUSH_EVERY == 0 or done_w == len(windows):
-            keys.flush()
-            prog.update(done_w)
-            fault_point("extract.flush")
-    bar.close()
-    secs = time.perf_counter() - t0
-    info = {"shard": shard, "start": start, "stop": stop, "keys": kpath.name, "vals": vpath.name,
-            "seconds": round(secs, 2), "computed": n_new,  # rows computed by this (possibly resumed) run
-            "tokens_per_s": round(n_new / secs, 1) if secs > 0 else None}
+
+    def flushed(done_w: int) -> None:
+        prog.update(done_w)
+        fault_point("extract.flush")
+
+    info = extract_keys(lm, hook, tokens, windows, out, shard, n_shards, batch_size, split=split, done=prog.done,
+                        flush_every=FLUSH_EVERY, on_flush=flushed)
     atomic_write_json(out / f".shard-{shard:05d}.json", {"fingerprint": fp, **info})
     prog.clear()
-    if traced:
-        _trace(traced, {"out": out.name, "shard": shard, "rows": span, "computed": n_new,
-                        "keys_sha256": key_digest.hexdigest(), "vals_sha256": hashlib.sha256(vals).hexdigest()})
     return info
-
-
-def _trace(directory: str, rec: dict) -> None:
-    """Test hook (MLPMEM_TRACE=<dir>): append ``rec``, what this process computed for one shard (the rows, sha256
-    digests of the keys and values it produced), to ``<dir>/extract-rank<r>.jsonl``."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    with open(Path(directory) / f"extract-rank{dist_info().rank}.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def _shard_whole(out: Path, sm: dict) -> bool:
@@ -121,18 +64,7 @@ def _shard_whole(out: Path, sm: dict) -> bool:
         vals = np.load(out / sm["vals"], mmap_mode="r")
     except (OSError, ValueError, EOFError):
         return False
-    return vals.shape == (rows,) and _reopen_keys(out / sm["keys"], rows) is not None
-
-
-def _reopen_keys(path: Path, rows: int) -> np.memmap | None:
-    """The partially written (rows, d) float16 key file of a killed run, opened for writing; None if unusable."""
-    from numpy.lib.format import open_memmap
-
-    try:
-        mm = open_memmap(path, mode="r+")
-    except (OSError, ValueError, EOFError):
-        return None
-    return mm if mm.dtype == np.float16 and mm.ndim == 2 and mm.shape[0] == rows else None
+    return vals.shape == (rows,) and reopen_keys(out / sm["keys"], rows) is not None
 
 
 def run(cfg: Config, lm: LoadedLM | None = None) -> dict:
@@ -179,7 +111,7 @@ def _extract_split(cfg: Config, lm: LoadedLM, hook, split: str, out: Path, max_p
             log.info("extract: %s shard %d already complete", split, s)
             continue
         marker.unlink(missing_ok=True)
-        extract_shard(lm, hook, tokens, groups[s], out, s, n_shards, cfg.window.batch_size, fp)
+        extract_shard(lm, hook, tokens, groups[s], out, s, n_shards, cfg.window.batch_size, fp, split)
     barrier()
     if not dist.is_main:
         return {}

@@ -6,24 +6,13 @@ import logging
 
 import torch
 
-from mlpmem.artifacts import base_model, load_memory, tuned_memory_lambda, tuned_memory_temperature
+from mlpmem.artifacts import base_model, load_memory, tuned_settings
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.joint import attach_memory
 from mlpmem.components.lm import LoadedLM, load_lm
 from mlpmem.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def tuned_lambda(cfg: Config) -> float:
-    """--generate.lam, else the memory lambda tuned by `mlpmem eval`, else 0.25 (the paper's WikiText value)."""
-    if cfg.generate.lam is not None:
-        return cfg.generate.lam
-    lam = tuned_memory_lambda(cfg.run_dir, cfg.eval.out_name)  # checked: a finished eval of this very memory
-    if lam is None:
-        log.warning("generate: no finished evaluation tuned lambda; using 0.25 (set --generate.lam)")
-        return 0.25
-    return lam
 
 
 def generate_texts(lm: LoadedLM, prompts: list[str], cfg: Config) -> list[str]:
@@ -46,11 +35,14 @@ def run(cfg: Config) -> dict:
     lm = load_lm(base_model(cfg)[0])
     memory, _ = load_memory(cfg.run_dir, lm, resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer),
                             required=True)
-    lam = tuned_lambda(cfg)
+    # --generate.lam, else what `mlpmem eval` tuned for this very memory, else an error (artifacts.tuned_settings)
+    tuned = tuned_settings(cfg.run_dir, cfg.eval.out_name, cfg.generate.lam, flag="--generate.lam",
+                           mem_T=cfg.memory.temperature)
+    lam = tuned.lam
+    log.info("generate: memory lambda %g (%s), temperature %g", lam, tuned.source, tuned.mem_T)
     torch.manual_seed(cfg.seed)
     base = generate_texts(lm, cfg.generate.prompts, cfg) if cfg.generate.side_by_side else None
-    temperature = tuned_memory_temperature(cfg.run_dir, cfg.eval.out_name) or cfg.memory.temperature
-    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=temperature)
+    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=tuned.mem_T)
     try:
         torch.manual_seed(cfg.seed)
         joint = generate_texts(lm, cfg.generate.prompts, cfg)

@@ -19,7 +19,7 @@ import math
 import time
 
 from mlpmem.artifacts import DATA, JOINT, JOINT_MEMORY, FINETUNED_MODEL, MEMORY, base_model, invalidate, \
-    is_complete, load_eval_results, load_memory, load_split, should_skip, verify_chain, write_manifest
+    is_complete, load_memory, load_split, should_skip, tuned_settings, verify_chain, write_manifest
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.finetune import export_model, finetune_lm, make_trainable
 from mlpmem.components.joint import MemoryAttached
@@ -48,15 +48,11 @@ def run(cfg: Config) -> dict:
     memory, mem_meta = load_memory(cfg.run_dir, lm, hook, required=True)
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
     upstream = {DATA: data_m["fingerprint"], MEMORY: mem_meta["fingerprint"], **model_up}
-    res = load_eval_results(cfg.run_dir, cfg.eval.out_name)
-    tuned = ((res or {}).get("settings") or {}).get("memory") or {}
-    if jc.lam is None and "lam" not in tuned:
-        raise StageError(f"joint: no tuned memory lambda in {cfg.run_dir / cfg.eval.out_name}: run `mlpmem eval` "
-                         "first (with the memory among --eval.systems), or set --joint.lam")
-    if res is not None:
-        upstream[cfg.eval.out_name] = res["fingerprint"]
-    lam = jc.lam if jc.lam is not None else float(tuned["lam"])
-    mem_T = float(tuned.get("T_mem", cfg.memory.temperature))
+    # --joint.lam, else what `mlpmem eval` tuned for this memory, else an error (artifacts.tuned_settings)
+    tuned = tuned_settings(cfg.run_dir, cfg.eval.out_name, jc.lam, flag="--joint.lam", mem_T=cfg.memory.temperature)
+    if tuned.fingerprint is not None:
+        upstream[cfg.eval.out_name] = tuned.fingerprint
+    lam, mem_T = tuned.lam, tuned.mem_T
     if lam <= 0.0:
         raise StageError("joint: the tuned memory lambda is 0: the memory does not help this LM on validation, so "
                          "there is no mixture to train; set --joint.lam to train one anyway")

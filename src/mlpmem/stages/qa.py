@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from mlpmem.artifacts import DATA, base_model, invalidate, load_eval_results, load_memory, load_offsets, \
-    load_split, open_knn, read_manifest, should_skip, verify_chain, write_manifest
+from mlpmem.artifacts import DATA, base_model, invalidate, load_memory, load_offsets, load_split, open_knn, \
+    read_manifest, should_skip, tuned_settings, verify_chain, write_manifest
 from mlpmem.components.answers import Mixture, answer_scores, encode_pairs, greedy_continuations
 from mlpmem.components.capture import resolve_hook
 from mlpmem.components.lm import LoadedLM, load_lm
@@ -135,16 +135,13 @@ def _mixture(system: str, setting: dict, memory, knn, vocab: int) -> Mixture:
 def _qa(cfg: Config) -> dict:
     out = cfg.run_dir / QA
     data_m = verify_chain(cfg.run_dir, DATA, "prepare")
-    results = load_eval_results(cfg.run_dir, cfg.eval.out_name)
-    if results is None:
-        raise StageError(f"qa: no finished evaluation in {cfg.run_dir / cfg.eval.out_name}: run `mlpmem eval` "
-                         "first (QA uses the settings it tuned on validation)")
-    eval_m = read_manifest(cfg.run_dir / cfg.eval.out_name)
-    settings = results["settings"]
+    # QA uses the settings `mlpmem eval` tuned on validation, whichever systems it tuned; none: an error
+    tuned = tuned_settings(cfg.run_dir, cfg.eval.out_name, memory=False)
+    settings = tuned.systems
     mcfg, model_up = base_model(cfg)
     finetuned = bool(model_up)
     lm = load_lm(mcfg)
-    upstream = {DATA: data_m["fingerprint"], cfg.eval.out_name: eval_m["fingerprint"], **model_up}
+    upstream = {DATA: data_m["fingerprint"], cfg.eval.out_name: tuned.fingerprint, **model_up}
     qa_opts = {k: v for k, v in cfg.to_dict()["qa"].items() if cfg.qa.rag or not k.startswith("rag")}
     fp = fingerprint("qa", upstream, lm.identity["fingerprint"], qa_opts, cfg.to_dict()["window"]["context"],
                      cfg.model.dtype, cfg.seed)  # the rag options only when on: results without RAG stay valid
