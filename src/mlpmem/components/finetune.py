@@ -4,24 +4,19 @@ directory: it gets token arrays, a :class:`FinetuneConfig` and a directory for i
 The train stream is cut into the same sliding windows as extraction and evaluation
 (:func:`mlpmem.components.data.plan_windows`), and the loss of a window is the next-token cross-entropy on its
 scored positions ``[score_from, end)`` only: one pass over the windows trains on every train position exactly once,
-each with at least ``context - stride`` tokens of context, as evaluation scores it. Determinism follows
-:mod:`mlpmem.components.trainer` (whose schedule, batch plan and checkpoint helpers it reuses):
-
-- the windows of step s are a pure function of (seed, s) (:class:`BatchPlan` over window indices);
-- dropout (the model's and LoRA's) is reseeded from (seed, step, rank) at every step;
-- the learning rate is a pure function of the step.
-
-So a resumable checkpoint (``last/``) needs only the trainable tensors (safetensors), the AdamW state and the step,
-and a run killed after a checkpoint ends bit-identical (CPU, fp32) to an uninterrupted one.
+each with at least ``context - stride`` tokens of context, as evaluation scores it. The loop is
+:class:`mlpmem.components.loop.TrainLoop` (as for the memory): this module supplies the step (the windows of step s
+a pure function of (seed, s), a :class:`BatchPlan` over window indices; the loss accumulated over micro-batches)
+and the validation. So a resumable checkpoint (``last/``) needs only the trainable tensors (safetensors), the AdamW
+state and the step, and a run killed after a checkpoint ends bit-identical (CPU, fp32) to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import math
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -32,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from mlpmem.components.data import Window, batch_windows, plan_windows
-from mlpmem.components.trainer import STATE_NAME, BatchPlan, CheckpointMismatch, DivergenceWatch, is_distributed, \
-    lr_at, make_optimizer, save_state, total_steps, truncate_metrics
+from mlpmem.components.loop import STATE_NAME, BatchPlan, CheckpointMismatch, LoopSpec, StepOut, TrainLoop, \
+    is_distributed, lr_at, make_optimizer, read_state, save_state, show, total_steps
 from mlpmem.config import FinetuneConfig
-from mlpmem.errors import ConfigError, StageError
+from mlpmem.errors import ConfigError
 from mlpmem.disk import disk_errors
 from mlpmem.files import atomic_write_json, fingerprint, read_json, swapped_directory
-from mlpmem.runtime import fault_point, progress
+from mlpmem.runtime import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -201,15 +196,7 @@ def _save_last(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, s
 
 
 def _load_last(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, fp: str) -> dict[str, Any]:
-    missing = [n for n in (WEIGHTS_NAME, STATE_NAME) if not (path / n).is_file()]
-    if missing:
-        raise StageError(f"resume checkpoint {path} is incomplete: missing {', '.join(missing)}; delete it to "
-                         "restart fine-tuning")
-    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)  # tensors and plain data only
-    if state.get("fingerprint") != fp:
-        raise CheckpointMismatch(f"resume checkpoint {path} was written with other fine-tuning settings, seed, base "
-                                 f"model or train tokens (fingerprint {state.get('fingerprint')} != {fp}): delete "
-                                 f"{path} (`mlpmem finetune --force` does) or choose another out_dir")
+    state = read_state(path, WEIGHTS_NAME, fp, "fine-tuning", "seed, base model or train tokens", "finetune")
     _load_trainable(model, path)
     opt.load_state_dict(state.pop("optimizer"))
     return state
@@ -220,6 +207,53 @@ def _tokens_hash(tokens: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+class _FinetuneTask:
+    """Fine-tuning's part of the :class:`TrainLoop`: a step on this rank's slice of the step's windows
+    (``micro_batch`` per forward), validation on ``val_wins``, and the trainable tensors' checkpoint files."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, train_tokens: np.ndarray,
+                 windows: list[Window], val_tokens: np.ndarray, val_wins: list[Window], plan: BatchPlan,
+                 step_tokens: np.ndarray, micro_batch: int, fp: str, world_size: int, rank: int):
+        self.model, self.opt, self.fp = model, opt, fp
+        self.train_tokens, self.windows, self.val_tokens, self.val_wins = train_tokens, windows, val_tokens, val_wins
+        self.plan, self.micro_batch, self.world_size, self.rank = plan, micro_batch, world_size, rank
+        self.step_tokens = step_tokens
+        self.seen = np.concatenate([[0], np.cumsum(step_tokens)])  # scored positions of steps [0, s)
+        self.n_pos = len(train_tokens) - 1
+        self.device = next(model.parameters()).device
+
+    def step(self, step: int) -> StepOut:
+        glob = self.plan.positions(step)
+        mine = np.array_split(glob, self.world_size)[self.rank] if is_distributed(self.world_size) else glob
+        n_glob = int(self.step_tokens[step])
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i in range(0, len(mine), self.micro_batch):
+            group = [self.windows[w] for w in mine[i:i + self.micro_batch]]
+            loss, _ = window_loss(self.model, self.train_tokens, group, self.device)
+            (loss / n_glob).backward()  # a share of the global mean: summed over ranks it is the mean
+            loss_sum += loss.detach()
+        return StepOut(loss_sum.reshape(1), count=n_glob)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        v = validation_loss(self.model, self.val_tokens, self.val_wins, self.micro_batch, self.world_size, self.rank)
+        return {"loss": v, "ppl": math.exp(min(v, 700.0))}
+
+    def save_best(self, path: Path, step: int, record: dict[str, float]) -> None:
+        _save_best(path, self.model, {"step": step, "val_loss": record["loss"]})
+
+    def save_last(self, path: Path, state: dict[str, Any]) -> None:
+        _save_last(path, self.model, self.opt, state)
+
+    def load_last(self, path: Path) -> dict[str, Any]:
+        return _load_last(path, self.model, self.opt, self.fp)
+
+    def units(self, step: int) -> int:
+        return int(self.seen[step])
+
+    def epoch(self, step: int) -> float:
+        return int(self.seen[step]) / self.n_pos
+
 
 def finetune_lm(
     model: torch.nn.Module,
@@ -256,131 +290,41 @@ def finetune_lm(
         raise ValueError("train_tokens / val_tokens: need at least 2 tokens each")
     windows = plan_windows(len(train_tokens), context, stride)
     val_wins = plan_windows(len(val_tokens), context, stride)[: cfg.val_windows]
-    ddp = is_distributed(world_size)
-    main = rank == 0
     out_dir = Path(out_dir)
-    device = next(model.parameters()).device
-    n_pos = len(train_tokens) - 1
     total = total_steps(cfg, len(windows))
     plan = BatchPlan(np.arange(len(windows), dtype=np.int64), cfg.batch_size, seed)
     scored = np.array([w.end - w.score_from for w in windows], dtype=np.int64)
     # scored positions of each step's global batch: a pure function of the step, like the batch itself
     step_tokens = np.array([scored[plan.positions(s)].sum() for s in range(total)], dtype=np.int64)
     opt = make_optimizer(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model: has no trainable parameters (pass it through make_trainable)")
     trajectory = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
     shapes = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     fp = fingerprint(trajectory, seed, context, stride, world_size, _tokens_hash(train_tokens),
                      _tokens_hash(val_tokens), shapes, identity)
-    metrics_path, last_dir = out_dir / "metrics.jsonl", out_dir / "last"
+    spec = LoopSpec(out_dir=out_dir, total=total, seed=seed, fingerprint=fp,
+                    lr_at=functools.partial(lr_at, cfg=cfg, total=total), grad_clip=cfg.grad_clip,
+                    eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=None, stat_names=("loss",),
+                    select_by="loss", train_loss="log", units_key="tokens", what="fine-tuning", flags="finetune",
+                    desc=f"finetune ({cfg.mode})", unit="tok", resume_hint=RESUME_HINT)
+    task = _FinetuneTask(model, opt, train_tokens, windows, val_tokens, val_wins, plan, step_tokens, micro_batch,
+                         fp, world_size, rank)
+    loop = TrainLoop(model, opt, spec, task, world_size, rank)
+    st = loop.resume()
+    if loop.step == 0:  # the base model, so the gain is visible; not a candidate for best (that would undo training)
+        base = loop.validate(0, select=False)
+        assert base is not None  # fine-tuning always validates
+        base_val = base["loss"]
+        log.info("finetune: base model validation loss %s (ppl %s)", show(base_val),
+                 show(math.exp(min(base_val, 700)), ".2f"))
+    else:
+        base_val = float(st["base_val_loss"])
+    res = loop.run(extra_state={"base_val_loss": base_val}, on_step=on_step)
 
-    step, best_val, best_step, base_val, last_loss = 0, math.inf, -1, math.nan, math.nan
-    if last_dir.exists():
-        st = _load_last(last_dir, model, opt, fp)
-        step, best_val, best_step = int(st["step"]), float(st["best_val_loss"]), int(st["best_step"])
-        base_val, last_loss = float(st["base_val_loss"]), float(st.get("train_loss", math.nan))
-        log.info("finetune: resuming from %s at step %d/%d", last_dir, step, total)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if step:
-            truncate_metrics(metrics_path, step)  # the killed run's steps after the checkpoint
-        else:
-            metrics_path.unlink(missing_ok=True)  # killed before its first checkpoint: start the log over
-    if ddp:  # every rank starts from rank 0's weights
-        for p in trainable:
-            dist.broadcast(p.data, src=0)
-
-    def log_line(rec: dict[str, Any]) -> None:
-        if main:  # a line cut short by a full disk is dropped on resume, with the others after the checkpoint
-            with disk_errors(metrics_path, RESUME_HINT), open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def validate(at: int) -> float:
-        v = validation_loss(model, val_tokens, val_wins, micro_batch, world_size, rank)
-        log_line({"step": at, "epoch": int(step_tokens[:at].sum()) / n_pos, "split": "validation", "loss": v,
-                  "ppl": math.exp(min(v, 700.0))})
-        return v
-
-    if step == 0:  # the base model, so the gain is visible; not a candidate for best (that would undo training)
-        base_val = validate(0)
-        log.info("finetune: base model validation loss %.4f (ppl %.2f)", base_val, math.exp(min(base_val, 700)))
-
-    bar = progress(total=int(step_tokens.sum()), initial=int(step_tokens[:step].sum()), unit="tok",
-                   unit_scale=True, desc=f"finetune ({cfg.mode})", show=main)
-    acc = torch.zeros(2, dtype=torch.float32, device=device)  # loss, grad_norm summed since the last log line
-    acc_steps, t_log, t0, start_step = 0, time.perf_counter(), time.perf_counter(), step
-    diverged = DivergenceWatch(device, "fine-tuning", "finetune")
-
-    model.train()
-    fork_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):  # reseeding dropout must not leak into the caller's RNG
-            while step < total:
-                lr = lr_at(step, cfg, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                glob = plan.positions(step)
-                mine = np.array_split(glob, world_size)[rank] if ddp else glob
-                n_glob = int(step_tokens[step])
-                torch.manual_seed((seed * 1_000_003 + step) * max(world_size, 1) + rank)
-                opt.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-                for i in range(0, len(mine), micro_batch):
-                    loss, _ = window_loss(model, train_tokens, [windows[w] for w in mine[i:i + micro_batch]],
-                                          device)
-                    (loss / n_glob).backward()  # a share of the global mean: summed over ranks it is the mean
-                    loss_sum += loss.detach()
-                if ddp:
-                    for p in trainable:
-                        if p.grad is None:  # a rank without windows this step still joins the all-reduce
-                            p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                    dist.all_reduce(loss_sum)
-                mean = loss_sum / n_glob
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, scale by 1
-                gnorm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-                diverged.update(step + 1, mean, gnorm)
-                opt.step()
-                step += 1
-                acc += torch.stack([mean, gnorm.detach().float()])
-                acc_steps += 1
-                bar.update(n_glob)
-
-                if step == total or step % cfg.eval_every == 0 or step % cfg.save_every == 0:
-                    diverged.check(lambda s: lr_at(s, cfg, total))
-                    now = time.perf_counter()
-                    a = (acc / acc_steps).tolist()
-                    seen = int(step_tokens[:step].sum())
-                    log_line({"step": step, "epoch": seen / n_pos, "lr": lr, "loss": a[0], "grad_norm": a[1],
-                              "tokens": seen, "tokens_per_s": int(step_tokens[step - acc_steps:step].sum())
-                              / max(now - t_log, 1e-9)})
-                    bar.set_postfix(loss=f"{a[0]:.4f}", lr=f"{lr:.2e}")
-                    acc.zero_()
-                    acc_steps, t_log, last_loss = 0, now, a[0]
-                if step % cfg.eval_every == 0 or step == total:
-                    v = validate(step)
-                    if v < best_val:
-                        best_val, best_step = v, step
-                        if main:
-                            _save_best(out_dir / "best", model, {"step": step, "val_loss": v})
-                if step % cfg.save_every == 0 or step == total:
-                    if main:
-                        _save_last(last_dir, model, opt, {"step": step, "best_val_loss": best_val,
-                                                          "best_step": best_step, "base_val_loss": base_val,
-                                                          "train_loss": last_loss, "fingerprint": fp,
-                                                          "total_steps": total, "seed": seed})
-                    if ddp:
-                        dist.barrier()
-                if on_step is not None:
-                    on_step(step)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - t0
-    done_tokens = int(step_tokens[start_step:step].sum())
+    best_step, best_val = res.best_step, res.best_val
     best = out_dir / "best"
-    if ddp:
+    if is_distributed(world_size):
         dist.barrier()  # rank 0 has written best/ before the others read it
     if (best / WEIGHTS_NAME).is_file():  # always, after the final validation; its record is the authority
         _load_trainable(model, best)
@@ -388,20 +332,20 @@ def finetune_lm(
         best_step, best_val = int(info.get("step", best_step)), float(info.get("val_loss", best_val))
     model.eval()
     if best_val > base_val:
-        log.warning("finetune: the best fine-tuned validation loss %.4f is above the base model's %.4f (lower "
-                    "--finetune.lr?)", best_val, base_val)
+        log.warning("finetune: the best fine-tuned validation loss %s is above the base model's %s (lower "
+                    "--finetune.lr?)", show(best_val), show(base_val))
     return {
-        "steps": step,
-        "tokens": int(step_tokens[:step].sum()),
-        "epochs": int(step_tokens[:step].sum()) / n_pos,
-        "train_positions": n_pos,
+        "steps": res.steps,
+        "tokens": task.units(res.steps),
+        "epochs": task.epoch(res.steps),
+        "train_positions": task.n_pos,
         "train_windows": len(windows),
         "val_windows": len(val_wins),
         "val_positions": int(sum(w.end - w.score_from for w in val_wins)),
         "base_val_loss": base_val,
         "best_step": best_step,
         "best_val_loss": best_val,
-        "final_train_loss": last_loss,
-        "tokens_per_s": done_tokens / elapsed if done_tokens else 0.0,
-        "seconds": elapsed,
+        "final_train_loss": res.train_loss,
+        "tokens_per_s": res.units_per_s,
+        "seconds": res.seconds,
     }
