@@ -150,7 +150,7 @@ def test_killed_train_resumes_to_the_same_weights(assets, base_run, tmp_path, mo
 def test_best_checkpoint_is_selected_by_validation(assets, base_run, tmp_path):
     # a far too large learning rate diverges, so the best step is not the last one
     cfg = config(assets, copy_of(base_run, tmp_path / "run"),
-                 **{"train.lr": 1.0, "train.warmup_steps": 0, "train.max_steps": 10, "train.eval_every": 2,
+                 **{"train.lr": 3.0, "train.warmup_steps": 0, "train.max_steps": 10, "train.eval_every": 2,
                     "train.save_every": 10, "memory.dropout": 0.0})
     m = train.run(cfg)
     mem = cfg.run_dir / "memory"

@@ -30,6 +30,10 @@ def run(cfg: Config) -> dict:
         for stage in pipeline_stages():
             if stage.name == "generate" and not main:  # eval shares its windows among processes
                 continue
+            if stage.name == "generate" and "memory" not in cfg.eval.systems and cfg.generate.lam is None:
+                log.info("=== pipeline: generate skipped: eval tuned no memory lambda (memory is not among "
+                         "--eval.systems) ===")
+                continue
             log.info("=== pipeline: %s ===", stage.name)
             joint = stage.name == "joint" and cfg.joint.mode != "none"
             took = run_timed(stage, cfg, run=joint_and_its_eval if joint else None)
