@@ -21,6 +21,7 @@ from mlpmem.config_values import check as _check
 from mlpmem.config_commands import (COMPARE_VARIANTS, QA_KINDS, SWEEP_EXCLUDED, BenchConfig,  # noqa: F401
                                     CompareConfig, ExportConfig, QaConfig, SweepConfig)
 from mlpmem.errors import ConfigError  # noqa: F401  (re-exported: callers catch it from here)
+from mlpmem.systems import DEFAULT_EVAL_SYSTEMS, EVAL_SYSTEMS, JOINT_EVAL_SYSTEMS, MEMORY, MEMORY_GATE
 
 
 @dataclass
@@ -287,7 +288,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     splits: list[str] = opt(["validation", "test"], "Splits to score; lambdas are tuned on 'validation'.")
-    systems: list[str] = opt(["base", "knn", "memory", "memory+knn"], "Systems: base, knn, memory, memory+knn "
+    systems: list[str] = opt(list(DEFAULT_EVAL_SYSTEMS), "Systems: base, knn, memory, memory+knn "
                              "(those whose artifacts are missing are skipped with a warning); memory+gate (opt-in, "
                              "with memory) adds a per-token lambda fitted on validation, kept only where it wins "
                              "on held-out validation documents.")
@@ -316,7 +317,7 @@ class EvalConfig:
         if self.joint:
             _check(self.out_name != "eval", f"{p}.out_name", "--eval.joint writes its own results: name them, e.g. "
                    "--eval.out_name eval-joint (eval/ holds the lambda joint training started from)")
-            _check(set(self.systems) <= {"base", "memory", "memory+gate"}, f"{p}.systems", "with --eval.joint only "
+            _check(set(self.systems) <= set(JOINT_EVAL_SYSTEMS), f"{p}.systems", "with --eval.joint only "
                    "base and memory (and memory+gate) "
                    "(kNN-LM's datastore holds the keys of the LM before joint training)")
         for n in ("splits", "systems", "lambdas", "knn_temperatures", "memory_temperatures"):
@@ -338,8 +339,8 @@ class EvalConfig:
         _check(self.out_name != "ood", f"{p}.out_name", "'ood' is where eval prepares --eval.ood_source: name "
                "eval's output otherwise")
         for s in self.systems:
-            _check(s in ("base", "knn", "memory", "memory+knn", "memory+gate"), f"{p}.systems", f"unknown system {s!r}")
-        _check("memory+gate" not in self.systems or "memory" in self.systems, f"{p}.systems",
+            _check(s in EVAL_SYSTEMS, f"{p}.systems", f"unknown system {s!r}")
+        _check(MEMORY_GATE not in self.systems or MEMORY in self.systems, f"{p}.systems",
                "memory+gate starts from the memory's tuned lambda: list memory too")
         for lam in self.lambdas:
             _check(0.0 <= lam <= 1.0, f"{p}.lambdas", f"each must be in [0, 1], got {lam}")

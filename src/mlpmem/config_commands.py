@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mlpmem.config_values import check as _check
 from mlpmem.config_values import RUN_DIR_NAMES, opt, point_name
+from mlpmem.systems import BASE, MEMORY
 
 
 @dataclass
@@ -124,7 +125,7 @@ class SweepConfig:
                              "[{memory.num_blocks: 2}, {train.epochs: 4}]; {} is the config itself. Each point is a "
                              "run directory under --out_dir/<sweep.name>/ that links every stage output whose "
                              "settings and inputs it shares with --out_dir and runs the others, then eval.")
-    eval: dict = opt({"splits": ["validation"], "systems": ["base", "memory"]}, "eval options of every point (what "
+    eval: dict = opt({"splits": ["validation"], "systems": [BASE, MEMORY]}, "eval options of every point (what "
                      "is measured; they never make a stage rerun): by default validation only, since a study "
                      "chooses on validation.")
     name: str = opt("sweep", "Sub-directory of --out_dir holding the points, results.json, results.md and plots.")

@@ -30,6 +30,7 @@ import torch
 from mlpmem.artifacts.manifest import read_manifest, verify_chain
 from mlpmem.errors import StageError
 from mlpmem.files import cached_per_file, fingerprint, load_npy, read_json
+from mlpmem import systems as sy
 
 if TYPE_CHECKING:
     from mlpmem.components.gate import Gate
@@ -525,7 +526,7 @@ def tuned_settings(run_dir: Path, out_name: str, lam: float | None = None, *, fl
     where = Path(run_dir) / out_name
     res = load_eval_results(run_dir, out_name)
     systems = dict((res or {}).get("settings") or {})
-    mem, knn, gated = systems.get("memory") or {}, systems.get("knn") or {}, systems.get("memory+gate") or {}
+    mem, knn, gated = systems.get(sy.MEMORY) or {}, systems.get(sy.KNN) or {}, systems.get(sy.MEMORY_GATE) or {}
     tuned_lam = _finite(mem.get("lam"))
     if lam is not None:
         use, source = float(lam), flag or "given"

@@ -24,6 +24,7 @@ from typing import Any
 
 from mlpmem.components.memory import MLPMemory, is_hub_id, resolve_folder, shareable_meta
 from mlpmem.files import swapped_directory
+from mlpmem import systems as sy
 
 CARD_NAME = "README.md"
 # the offline default base model: a dequantised Q4_1 build of this Hub model (Apache-2.0), loaded as "default"
@@ -72,7 +73,7 @@ def tuned(memory: MLPMemory, results: dict | None = None) -> dict:
     t = (memory.config.meta or {}).get("tuned") or {}
     if "lam" in t:
         return {"lam": float(t["lam"]), "mem_temperature": float(t.get("mem_temperature", 1.0))}
-    st = ((results or {}).get("settings") or {}).get("memory") or {}
+    st = ((results or {}).get("settings") or {}).get(sy.MEMORY) or {}
     if "lam" in st:
         return {"lam": float(st["lam"]), "mem_temperature": float(st.get("T_mem", 1.0))}
     return {}

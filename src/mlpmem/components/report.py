@@ -7,6 +7,8 @@ import logging
 import math
 from pathlib import Path
 
+from mlpmem.systems import BASE, KNN, MEMORY, MEMORY_GATE, MEMORY_KNN
+
 log = logging.getLogger(__name__)
 
 
@@ -87,8 +89,8 @@ def results_table(results: dict) -> str:
 
 
 # one colour per system in every panel, and per quantity in the training plot
-SYSTEM_STYLE = {"knn": ("C0", "o", "+ kNN-LM"), "memory": ("C1", "s", "+ MLP memory"),
-                "memory+knn": ("C2", "^", "+ memory + kNN-LM"), "memory+gate": ("C3", "D", "+ memory, gated")}
+SYSTEM_STYLE = {KNN: ("C0", "o", "+ kNN-LM"), MEMORY: ("C1", "s", "+ MLP memory"),
+                MEMORY_KNN: ("C2", "^", "+ memory + kNN-LM"), MEMORY_GATE: ("C3", "D", "+ memory, gated")}
 QUANTITY_COLOUR = {"loss": "C0", "kl": "C1", "ce": "C2", "ppl": "C3"}
 Y_ABOVE_BASE = 0.04  # the λ plot's y-axis ends this fraction above the base LM: the optima, not λ = 1's blow-up
 
@@ -108,7 +110,7 @@ def _lambda_curve(system: str, rows: list[dict], setting: dict) -> tuple[list[fl
     # results.json is strict JSON: an infinite PPL (a token the memory or kNN gives no mass, at λ = 1) is null
     keep = [r for r in rows if r.get("ppl") is not None and math.isfinite(r["ppl"]) and
             all(r.get(k) == setting[k] for k in ("T", "T_mem") if k in setting and k in r)]
-    if system == "memory+knn":
+    if system == MEMORY_KNN:
         by_total: dict[float, float] = {}
         for r in keep:
             t = round(r["lam_mem"] + r["lam_knn"], 6)
@@ -136,7 +138,7 @@ def lambda_figure(results: dict):
     for ax, split in zip(axes[0], splits):
         sw = results["sweeps"][split]
         at = results.get("splits", {}).get(split, {}).get("systems", {})  # PPL at the tuned settings
-        base = sw["base"][0]["ppl"]
+        base = sw[BASE][0]["ppl"]
         ax.axhline(base, color="k", ls="--", lw=1, label=f"base LM {base:.2f}")
         tops, lows, curves, tuned_lams = [base], [base], [], []
         for system, (colour, marker, name) in SYSTEM_STYLE.items():
@@ -156,9 +158,9 @@ def lambda_figure(results: dict):
                 continue
             ax.axvline(lam, color=colour, ls=":", lw=1)
             if tuned_ppl is not None:
-                gated = system == "memory+gate" and setting.get("gate")
+                gated = system == MEMORY_GATE and setting.get("gate")
                 what = f"per-token λ from {lam:.2f}" if gated else f"λ={lam:.2f}"
-                ax.plot([lam], [tuned_ppl], marker="*" if system != "memory+gate" else marker, ms=13, color=colour,
+                ax.plot([lam], [tuned_ppl], marker="*" if system != MEMORY_GATE else marker, ms=13, color=colour,
                         mec="k", ls="none", label=f"{name} tuned: {what}, PPL {tuned_ppl:.2f}")
                 lows.append(tuned_ppl)
                 tops.append(tuned_ppl)

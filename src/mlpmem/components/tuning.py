@@ -26,13 +26,14 @@ from mlpmem.components.interpolate import mix3
 from mlpmem.components.interpolate import mix_gold as mix2  # log((1 - lam) p_lm + lam p_other), exact at 0 and 1
 from mlpmem.components.interpolate import perplexity as ppl
 from mlpmem.config import Config
+from mlpmem.systems import BASE, KNN, MEMORY, MEMORY_ALONE, MEMORY_GATE, MEMORY_KNN
 
 log = logging.getLogger(__name__)
 
 FINE_STEP = 0.01
 BOOTSTRAP_SAMPLES = 1000
 # paired intervals reported besides "vs base" (memory+gate against the same memory at its fixed λ)
-COMPARISONS = (("memory", "knn"), ("memory+knn", "knn"), ("memory+gate", "memory"))
+COMPARISONS = ((MEMORY, KNN), (MEMORY_KNN, KNN), (MEMORY_GATE, MEMORY))
 
 
 def _temps(scored, cfg: Config) -> tuple[list[float], list[float]]:
@@ -52,21 +53,21 @@ def _temps(scored, cfg: Config) -> tuple[list[float], list[float]]:
 def system_logprobs(scored, system: str, setting: dict, cfg: Config) -> np.ndarray:
     """(M,) float64 log p(gold) of ``system`` at ``setting`` (keys lam, T, T_mem, lam_mem, lam_knn)."""
     knn_T, mem_T = _temps(scored, cfg)
-    if system == "base":
+    if system == BASE:
         return scored.lm
-    if system == "knn":
+    if system == KNN:
         return mix2(scored.lm, scored.knn[knn_T.index(setting["T"])], setting["lam"])
     mem = scored.mem[mem_T.index(setting["T_mem"])]
-    if system == "memory":
+    if system == MEMORY:
         return mix2(scored.lm, mem, setting["lam"])
-    if system == "memory alone":
+    if system == MEMORY_ALONE:
         return mem
-    if system == "memory+gate":  # setting["gate"]: the fitted gate's parameters, or None for the fixed λ
+    if system == MEMORY_GATE:  # setting["gate"]: the fitted gate's parameters, or None for the fixed λ
         if setting.get("gate") is None:
             return mix2(scored.lm, mem, setting["lam"])
         gate = Gate.from_dict(setting["gate"])
         return gated_gold(scored.lm, mem, gate.lam(scored.gate_features(gate.T_mem)))
-    if system == "memory+knn":
+    if system == MEMORY_KNN:
         return mix3(scored.lm, mem, scored.knn[knn_T.index(setting["T"])], setting["lam_mem"], setting["lam_knn"])
     raise ValueError(f"unknown system {system!r}")
 
@@ -81,17 +82,17 @@ def sweep(scored, cfg: Config, mem_T: float | None = None) -> dict:
     memory+knn uses the memory at temperature ``mem_T`` (default: the first of --eval.memory_temperatures)."""
     knn_T, mem_Ts = _temps(scored, cfg)
     lambdas = _lambdas(cfg)
-    out: dict[str, list[dict]] = {"base": [{"ppl": ppl(scored.lm)}]}
+    out: dict[str, list[dict]] = {BASE: [{"ppl": ppl(scored.lm)}]}
     if scored.knn is not None:
-        out["knn"] = [{"lam": lam, "T": T, "ppl": ppl(mix2(scored.lm, scored.knn[i], lam))}
+        out[KNN] = [{"lam": lam, "T": T, "ppl": ppl(mix2(scored.lm, scored.knn[i], lam))}
                       for i, T in enumerate(knn_T) for lam in lambdas]
     if scored.mem is not None:
-        out["memory"] = [{"lam": lam, "T_mem": T, "ppl": ppl(mix2(scored.lm, scored.mem[i], lam))}
+        out[MEMORY] = [{"lam": lam, "T_mem": T, "ppl": ppl(mix2(scored.lm, scored.mem[i], lam))}
                          for i, T in enumerate(mem_Ts) for lam in lambdas]
     if scored.mem is not None and scored.knn is not None:
         tm = mem_Ts[0] if mem_T is None else mem_T
         mem = scored.mem[mem_Ts.index(tm)]
-        out["memory+knn"] = [{"lam_mem": a, "lam_knn": b, "T": T, "T_mem": tm,
+        out[MEMORY_KNN] = [{"lam_mem": a, "lam_knn": b, "T": T, "T_mem": tm,
                               "ppl": ppl(mix3(scored.lm, mem, scored.knn[i], a, b))}
                              for i, T in enumerate(knn_T) for a in cfg.eval.lambdas for b in cfg.eval.lambdas
                              if a + b <= 1.0 + 1e-9 and a > 0 and b > 0]
@@ -112,11 +113,11 @@ def _around(value: float, grid: list[float], lo: float = 0.0, hi: float = 1.0) -
 
 def _refine(scored, system: str, setting: dict, cfg: Config) -> dict:
     """The best setting with λ refined between its grid neighbours (unless --eval.lam fixes it)."""
-    if cfg.eval.lam is not None and system in ("knn", "memory"):
+    if cfg.eval.lam is not None and system in (KNN, MEMORY):
         return setting
     def score(s: dict) -> float:
         return ppl(system_logprobs(scored, system, s, cfg))
-    if system in ("knn", "memory"):
+    if system in (KNN, MEMORY):
         cands = [{**setting, "lam": float(x)} for x in _around(setting["lam"], cfg.eval.lambdas)]
     else:
         cands = [{**setting, "lam_mem": float(a), "lam_knn": float(b)}
@@ -203,43 +204,43 @@ def settle(scored_by_split: dict, cfg: Config, doc_ids: dict[str, np.ndarray] | 
     sweeps = {s: sweep(sc, cfg) for s, sc in scored_by_split.items()}
     if tune_split != "validation" and len(sweeps[tune_split]) > 1:
         log.warning("no validation split scored: settings are tuned on %r, which is then not held out", tune_split)
-    chosen: dict[str, dict] = {"base": {}}
-    for system in ("knn", "memory"):
+    chosen: dict[str, dict] = {BASE: {}}
+    for system in (KNN, MEMORY):
         if system in sweeps[tune_split]:
             rows = sweeps[tune_split][system]
             if cfg.eval.lam is not None:
                 rows = [r for r in rows if abs(r["lam"] - cfg.eval.lam) < 1e-9]
             pick = {k: v for k, v in best(rows).items() if k != "ppl"}
             chosen[system] = _refine(tuned, system, pick, cfg)
-    if "memory" in chosen:
-        chosen["memory alone"] = {"lam": 1.0, "T_mem": chosen["memory"]["T_mem"]}
-        if "knn" in chosen:  # the memory at its own tuned temperature
-            tm = chosen["memory"]["T_mem"]
-            sweeps = {s: {**sw, "memory+knn": sweep(scored_by_split[s], cfg, mem_T=tm)["memory+knn"]}
+    if MEMORY in chosen:
+        chosen[MEMORY_ALONE] = {"lam": 1.0, "T_mem": chosen[MEMORY]["T_mem"]}
+        if KNN in chosen:  # the memory at its own tuned temperature
+            tm = chosen[MEMORY]["T_mem"]
+            sweeps = {s: {**sw, MEMORY_KNN: sweep(scored_by_split[s], cfg, mem_T=tm)[MEMORY_KNN]}
                       for s, sw in sweeps.items()}
-            pick = {k: v for k, v in best(sweeps[tune_split]["memory+knn"]).items() if k != "ppl"}
-            chosen["memory+knn"] = _refine(tuned, "memory+knn", pick, cfg)
+            pick = {k: v for k, v in best(sweeps[tune_split][MEMORY_KNN]).items() if k != "ppl"}
+            chosen[MEMORY_KNN] = _refine(tuned, MEMORY_KNN, pick, cfg)
     gate_report = None
-    if "memory" in chosen and "memory+gate" in cfg.eval.systems and tuned.lm_feats is None:
+    if MEMORY in chosen and MEMORY_GATE in cfg.eval.systems and tuned.lm_feats is None:
         log.warning("memory+gate: the %s scores hold no gate features (scored without memory+gate): skipped",
                     tune_split)
-    elif "memory" in chosen and "memory+gate" in cfg.eval.systems:
-        chosen["memory+gate"], gate_report = _fit_gate(tuned, chosen["memory"], cfg,
+    elif MEMORY in chosen and MEMORY_GATE in cfg.eval.systems:
+        chosen[MEMORY_GATE], gate_report = _fit_gate(tuned, chosen[MEMORY], cfg,
                                                        (doc_ids or {}).get(tune_split))
     knn_T, mem_T = _temps(tuned, cfg)
     edges = {s: e for s, st in chosen.items()  # memory+gate's λ and temperature are the memory's
-             if s not in ("memory alone", "memory+gate") and (e := _edges(s, st, cfg, knn_T, mem_T))}
+             if s not in (MEMORY_ALONE, MEMORY_GATE) and (e := _edges(s, st, cfg, knn_T, mem_T))}
     results = {}
     for split, sc in scored_by_split.items():
         lp = {s: system_logprobs(sc, s, st, cfg) for s, st in chosen.items()}
         res = {s: {**chosen[s], "ppl": ppl(v)} for s, v in lp.items()}
         entry = {"tokens": sc.n, "systems": res, "seconds": sc.seconds}
         if doc_ids is not None and split in doc_ids:
-            pairs = [(s, "base") for s in lp if s != "base"] + [p for p in COMPARISONS if p[0] in lp and p[1] in lp]
+            pairs = [(s, BASE) for s in lp if s != BASE] + [p for p in COMPARISONS if p[0] in lp and p[1] in lp]
             ci = bootstrap_changes(lp, doc_ids[split], pairs, seed=cfg.seed)
             for s in lp:
-                if s != "base":
-                    res[s]["vs_base"] = ci[(s, "base")]
+                if s != BASE:
+                    res[s]["vs_base"] = ci[(s, BASE)]
             entry["comparisons"] = {f"{a} vs {b}": ci[(a, b)] for a, b in COMPARISONS if (a, b) in ci}
         results[split] = entry
     out = {"tuned_on": tune_split, "settings": chosen, "edges": edges, "splits": results, "sweeps": sweeps,

@@ -33,6 +33,7 @@ from mlpmem.errors import CorpusError
 from mlpmem.files import atomic_save_npy, atomic_write_json, atomic_write_text, fingerprint, listing_problem
 from mlpmem.runtime import barrier, broadcast_from_main, dist_info, fault_point, on_main
 from mlpmem.stages import save_stage_config
+from mlpmem import systems as sy
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,15 @@ def run(cfg: Config) -> dict:
         # missing or damaged: prepare it now (the same fingerprint: nothing made from an earlier copy goes stale)
         on_main(_prepare_ood, cfg, lm.tokenizer, ood, False)
         upstream[OOD] = ood.fp
-    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {"base"} else None
+    hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer) if systems - {sy.BASE} else None
     memory, mem_meta, make_scorer, knn_meta = None, {}, None, {}
-    if systems & {"memory", "memory+knn"}:
+    if sy.uses_memory(systems):
         memory, mem_meta = load_memory(cfg.run_dir, lm, hook, path=mem_path, required=mem_path is not None)
         if mem_path is not None:
             mem_meta["fingerprint"] = model_up[JOINT]  # the joint manifest vouches for both
         elif memory is not None:
             upstream[MEMORY] = mem_meta["fingerprint"]
-    if systems & {"knn", "memory+knn"}:
+    if sy.uses_knn(systems):
         knn = open_knn(cfg, lm, hook)
         if knn is not None:
             make_scorer, knn_meta = knn.scorer, knn.meta
@@ -123,9 +124,9 @@ def run(cfg: Config) -> dict:
     results["widened"] = rnd > 0
     results["fingerprint"] = fp  # ties results.json to the manifest written after it
     results["systems_meta"] = _systems_meta(lm, scored, mem_meta, knn_meta)
-    if "memory+gate" in results["settings"] and "memory" in results["systems_meta"]:
+    if sy.MEMORY_GATE in results["settings"] and sy.MEMORY in results["systems_meta"]:
         # the memory's size and speed: the gate adds 7 floats, and its features were timed with the memory
-        results["systems_meta"]["memory+gate"] = dict(results["systems_meta"]["memory"])
+        results["systems_meta"][sy.MEMORY_GATE] = dict(results["systems_meta"][sy.MEMORY])
     results["model"] = lm.identity
     results["data"] = {"source": cfg.data.source, "fingerprint": data_m["fingerprint"]}
     if ood is not None:
@@ -235,7 +236,7 @@ def _score_splits(cfg: Config, lm, hook, memory, scorer, mem_temperatures, out, 
                               hook=hook if (memory is not None or scorer is not None) else None, memory=memory,
                               mem_temperatures=mem_temperatures, knn_scorer=scorer, desc=f"eval {split}",
                               shard=(dist.rank, dist.world_size),
-                              gate_features="memory+gate" in cfg.eval.systems)  # the adaptive gate's inputs
+                              gate_features=sy.MEMORY_GATE in cfg.eval.systems)  # the adaptive gate's inputs
             log.info("eval %s: %d tokens in %.1fs", split, sc.n, time.time() - t0)
             save_scores(mine, sc, fp)
         else:
@@ -253,17 +254,17 @@ def _systems_meta(lm, scored, mem_meta: dict, knn_meta: dict) -> dict:
     n = sum(s.n for s in scored.values())
     secs = {k: sum(s.seconds.get(k, 0.0) for s in scored.values()) for k in ("lm", "memory", "knn")}
     tps = lambda *parts: n / max(sum(secs[p] for p in parts), 1e-9)  # noqa: E731
-    meta = {"base": {"params": lm.identity["n_params"], "tokens_per_s": tps("lm")}}
+    meta = {sy.BASE: {"params": lm.identity["n_params"], "tokens_per_s": tps("lm")}}
     if mem_meta:
-        meta["memory"] = {"params": mem_meta["params"], "storage_bytes": mem_meta["bytes"],
-                          "tokens_per_s": tps("lm", "memory")}
-        meta["memory alone"] = dict(meta["memory"])
+        meta[sy.MEMORY] = {"params": mem_meta["params"], "storage_bytes": mem_meta["bytes"],
+                           "tokens_per_s": tps("lm", "memory")}
+        meta[sy.MEMORY_ALONE] = dict(meta[sy.MEMORY])
     if knn_meta:
-        meta["knn"] = {"storage_bytes": knn_meta["bytes"], "tokens_per_s": tps("lm", "knn")}
+        meta[sy.KNN] = {"storage_bytes": knn_meta["bytes"], "tokens_per_s": tps("lm", "knn")}
     if mem_meta and knn_meta:
-        meta["memory+knn"] = {"params": mem_meta["params"],
-                              "storage_bytes": mem_meta["bytes"] + knn_meta["bytes"],
-                              "tokens_per_s": tps("lm", "memory", "knn")}
+        meta[sy.MEMORY_KNN] = {"params": mem_meta["params"],
+                               "storage_bytes": mem_meta["bytes"] + knn_meta["bytes"],
+                               "tokens_per_s": tps("lm", "memory", "knn")}
     return meta
 
 

@@ -34,15 +34,14 @@ from mlpmem.errors import StageError
 from mlpmem.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from mlpmem.runtime import on_main
 from mlpmem.stages import save_stage_config
+from mlpmem import systems as sy
 
 log = logging.getLogger(__name__)
 
 QA = "qa"
 TASK = "mlpmem_qa"
-MIXTURES = ("knn", "memory", "memory+knn")
-RAG = ("rag", "rag+memory")  # over the run's LM, like the mixtures; rag+memory at the memory's tuned setting
-LABELS = {"base": "base LM", "fine-tuned": "fine-tuned LM", "knn": "kNN-LM", "memory": "memory",
-          "memory+knn": "memory + kNN-LM", "rag": "RAG", "rag+memory": "RAG + memory"}
+MIXTURES = sy.QA_MIXTURES  # knn, memory, memory+knn over the run's LM at eval's tuned settings
+RAG = sy.QA_RAG  # rag, rag+memory: over the run's LM, like the mixtures; rag+memory at the memory's tuned setting
 METRICS = {"exact_match": "EM", "f1": "F1", "loglik": "answer log-lik"}
 
 
@@ -88,12 +87,12 @@ def _items(cfg: Config, lm: LoadedLM, docs_of: dict[str, list[str]]) -> list[Ite
 
 def _systems(cfg: Config, settings: dict, finetuned: bool) -> list[str]:
     have = [s for s in MIXTURES if s in settings and settings[s]]
-    rag = (["rag"] + (["rag+memory"] if settings.get("memory") else [])) if cfg.qa.rag else []
-    return ["base"] + (["fine-tuned"] if finetuned else []) + have + rag
+    rag = ([sy.RAG] + ([sy.RAG_MEMORY] if settings.get(sy.MEMORY) else [])) if cfg.qa.rag else []
+    return [sy.BASE] + ([sy.FINETUNED] if finetuned else []) + have + rag
 
 
 def _setting(s: str, settings: dict) -> dict:
-    return settings.get("memory", {}) if s == "rag+memory" else settings.get(s, {})
+    return settings.get(sy.MEMORY, {}) if s == sy.RAG_MEMORY else settings.get(s, {})
 
 
 def _rag(cfg: Config, tokenizer, train_docs: list[str], items: list[Item]) -> dict:
@@ -124,9 +123,9 @@ def _rag(cfg: Config, tokenizer, train_docs: list[str], items: list[Item]) -> di
 
 
 def _mixture(system: str, setting: dict, memory, knn, vocab: int) -> Mixture:
-    if system == "knn":
+    if system == sy.KNN:
         return Mixture(lam_knn=setting["lam"], knn=lambda h: knn.logprobs(h, setting["T"], vocab))
-    if system in ("memory", "rag+memory"):
+    if system in (sy.MEMORY, sy.RAG_MEMORY):
         return Mixture(lam_mem=setting["lam"], memory=memory, mem_temperature=setting["T_mem"])
     return Mixture(lam_mem=setting["lam_mem"], lam_knn=setting["lam_knn"], memory=memory,
                    mem_temperature=setting["T_mem"], knn=lambda h: knn.logprobs(h, setting["T"], vocab))
@@ -156,12 +155,12 @@ def _qa(cfg: Config) -> dict:
     atomic_write_text(out / "items.jsonl", "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n"
                                                    for it in items))
     systems = _systems(cfg, settings, finetuned)
-    lm_name = "fine-tuned" if finetuned else "base"
+    lm_name = sy.FINETUNED if finetuned else sy.BASE
     hook = resolve_hook(lm.model, cfg.extract.hook, cfg.extract.layer)
     memory = knn = None
-    if any(s in ("memory", "memory+knn", "rag+memory") for s in systems):
+    if sy.uses_memory(systems):
         memory, _ = load_memory(cfg.run_dir, lm, hook, required=True)
-    if any(s in ("knn", "memory+knn") for s in systems):
+    if sy.uses_knn(systems):
         knn = open_knn(cfg, lm, hook)
         if knn is None:
             raise StageError("qa: eval tuned kNN-LM but the datastore or index is gone: rerun `mlpmem pipeline`")
@@ -169,8 +168,8 @@ def _qa(cfg: Config) -> dict:
     pairs = encode_pairs(lm.tokenizer, prompts, targets)
 
     # Answer log-likelihoods: one pass over the run's LM serves every mixture (the vanilla base needs its own).
-    knn_T = sorted({settings[s]["T"] for s in ("knn", "memory+knn") if s in systems})
-    mem_T = sorted({settings[s]["T_mem"] for s in ("memory", "memory+knn") if s in systems}) or [1.0]
+    knn_T = sorted({settings[s]["T"] for s in systems if "T" in sy.SYSTEMS[s].tuned})
+    mem_T = sorted({settings[s]["T_mem"] for s in systems if "T_mem" in sy.SYSTEMS[s].tuned}) or [1.0]
     sc, owner = answer_scores(lm, pairs, cfg.qa.batch_size, hook=hook, memory=memory, mem_temperatures=mem_T,
                               knn_scorer=knn.scorer(knn_T) if knn is not None else None)
     per_item = lambda lp: np.bincount(owner, weights=lp, minlength=len(items))  # noqa: E731
@@ -182,21 +181,21 @@ def _qa(cfg: Config) -> dict:
     if finetuned:
         base_lm = load_lm(cfg.model)
         sc0, owner0 = answer_scores(base_lm, encode_pairs(base_lm.tokenizer, prompts, targets), cfg.qa.batch_size)
-        loglik["base"] = np.bincount(owner0, weights=sc0.lm, minlength=len(items))
+        loglik[sy.BASE] = np.bincount(owner0, weights=sc0.lm, minlength=len(items))
     prompt_of = {s: prompts for s in systems}
     prompt_tokens = {s: float(np.mean([len(c) for c, _ in pairs])) for s in systems}
     rag = None
     if cfg.qa.rag:  # the answers' log-likelihood given the RAG prompts, the run's LM alone and with the memory
         rag = _rag(cfg, lm.tokenizer, docs["train"], items)
         rag_pairs = encode_pairs(lm.tokenizer, rag["prompts"], targets)
-        with_mem = "rag+memory" in systems
+        with_mem = sy.RAG_MEMORY in systems
         sc_r, owner_r = answer_scores(lm, rag_pairs, cfg.qa.batch_size, hook=hook if with_mem else None,
                                       memory=memory if with_mem else None,
-                                      mem_temperatures=[settings["memory"]["T_mem"]] if with_mem else (1.0,))
-        loglik["rag"] = np.bincount(owner_r, weights=sc_r.lm, minlength=len(items))
+                                      mem_temperatures=[settings[sy.MEMORY]["T_mem"]] if with_mem else (1.0,))
+        loglik[sy.RAG] = np.bincount(owner_r, weights=sc_r.lm, minlength=len(items))
         if with_mem:
-            lp = system_logprobs(sc_r, "memory", settings["memory"], cfg)
-            loglik["rag+memory"] = np.bincount(owner_r, weights=lp, minlength=len(items))
+            lp = system_logprobs(sc_r, sy.MEMORY, settings[sy.MEMORY], cfg)
+            loglik[sy.RAG_MEMORY] = np.bincount(owner_r, weights=lp, minlength=len(items))
         for s in RAG:
             prompt_of[s], prompt_tokens[s] = rag["prompts"], float(np.mean([len(c) for c, _ in rag_pairs]))
 
@@ -210,8 +209,8 @@ def _qa(cfg: Config) -> dict:
             preds[s], seconds[s] = saved["continuations"], saved["seconds"]
             continue
         t0 = time.time()
-        mix = _mixture(s, _setting(s, settings), memory, knn, vocab) if s in MIXTURES + ("rag+memory",) else None
-        preds[s] = greedy_continuations(base_lm if s == "base" else lm, prompt_of[s], cfg.qa.max_new_tokens,
+        mix = _mixture(s, _setting(s, settings), memory, knn, vocab) if s in MIXTURES + (sy.RAG_MEMORY,) else None
+        preds[s] = greedy_continuations(base_lm if s == sy.BASE else lm, prompt_of[s], cfg.qa.max_new_tokens,
                                         cfg.qa.batch_size, mix=mix, hook=hook, desc=f"qa {s}")
         seconds[s] = round(time.time() - t0, 2)
         log.info("qa %s: %d items in %.1fs", s, len(items), seconds[s])
@@ -233,7 +232,7 @@ def _qa(cfg: Config) -> dict:
     if rag:
         found = {side: round(float(rag["found"][[it.split == split for it in items]].mean()), 4)
                  for split, side in SIDES.items() if any(it.split == split for it in items)}
-        res["rag"] = {**rag["summary"], "answer_in_passages": found}
+        res[sy.RAG] = {**rag["summary"], "answer_in_passages": found}
     table = qa_table(res)
     _write_predictions(out, items, systems, preds, loglik, rag["passages"] if rag else None)
     atomic_write_json(out / "results.json", res)
@@ -249,10 +248,10 @@ def _qa(cfg: Config) -> dict:
 def _summarise(items: list[Item], systems: list[str], lm_name: str, preds: dict, loglik: dict, seed: int) -> dict:
     """Per side: each system's mean metrics with intervals and the paired differences that matter."""
     pairs = [(s, lm_name) for s in systems if s in MIXTURES]
-    pairs += [("fine-tuned", "base")] if lm_name == "fine-tuned" else []
-    pairs += [(a, "knn") for a in ("memory", "memory+knn") if a in systems and "knn" in systems]
-    if "rag" in systems:
-        pairs += [("rag", lm_name)] + [(a, "rag") for a in ("memory", "rag+memory") if a in systems]
+    pairs += [(sy.FINETUNED, sy.BASE)] if lm_name == sy.FINETUNED else []
+    pairs += [(a, sy.KNN) for a in (sy.MEMORY, sy.MEMORY_KNN) if a in systems and sy.KNN in systems]
+    if sy.RAG in systems:
+        pairs += [(sy.RAG, lm_name)] + [(a, sy.RAG) for a in (sy.MEMORY, sy.RAG_MEMORY) if a in systems]
     sides = {}
     for split, side in SIDES.items():
         idx = np.array([i for i, it in enumerate(items) if it.split == split])
@@ -302,12 +301,13 @@ def _fmt(metric: str, m: dict, diff: bool = False) -> str:
 
 def _label(s: str, res: dict) -> str:
     st = res["settings"].get(s) or {}
-    over = " (on the fine-tuned LM)" if res["lm"] == "fine-tuned" and s in MIXTURES + RAG else ""
-    if s == "rag":
-        return f"{LABELS[s]}{over} (BM25, top {res['rag']['k']})"
-    if s == "memory+knn":
-        return f"{LABELS[s]}{over} (λ_mem {st['lam_mem']:g}, λ_kNN {st['lam_knn']:g})"
-    return f"{LABELS[s]}{over} (λ {st['lam']:g})" if "lam" in st else LABELS[s]
+    label = sy.SYSTEMS[s].label
+    over = " (on the fine-tuned LM)" if res["lm"] == sy.FINETUNED and s in MIXTURES + RAG else ""
+    if s == sy.RAG:
+        return f"{label}{over} (BM25, top {res[sy.RAG]['k']})"
+    if s == sy.MEMORY_KNN:
+        return f"{label}{over} (λ_mem {st['lam_mem']:g}, λ_kNN {st['lam_knn']:g})"
+    return f"{label}{over} (λ {st['lam']:g})" if "lam" in st else label
 
 
 def qa_table(res: dict) -> str:
@@ -332,7 +332,7 @@ def qa_table(res: dict) -> str:
         n = sum(res["sides"][sd]["items"] for sd in sides)
         note = (f"Answers/s: greedy answers to all {n} items (batches of {res.get('batch_size', '?')}, on "
                 f"{res.get('device', '?')}), each system in turn in this run")
-        rag = res.get("rag")
+        rag = res.get(sy.RAG)
         if rag:
             found = ", ".join(f"{name[sd]} {100 * v:.0f}%" for sd, v in rag["answer_in_passages"].items())
             note += (f"; RAG's include BM25 retrieval and prompt assembly ({rag['retrieve_seconds']:.2f}s), not "
@@ -346,5 +346,5 @@ def qa_table(res: dict) -> str:
         for c in comps:
             a, _, b = c.partition(" vs ")
             cells = [_fmt(m, res["sides"][sd]["comparisons"][c][m], diff=True) for sd in sides for m in METRICS]
-            lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {sy.SYSTEMS[a].label} − {sy.SYSTEMS[b].label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

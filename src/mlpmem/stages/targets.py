@@ -29,6 +29,7 @@ from mlpmem.errors import ConfigError, StageError
 from mlpmem.files import Progress, fingerprint
 from mlpmem.runtime import barrier, broadcast_from_main, dist_info
 from mlpmem.stages import save_stage_config
+from mlpmem import systems as sy
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +203,15 @@ def _tuned_temperature(cfg: Config, ds: Datastore, index) -> tuple[float, dict]:
         if new is None or new["knn_temperatures"] == sorted(grid):
             break
         log.info("knn-targets: kNN-LM's best temperature %g is on the edge of %s: widening it to %s",
-                 res["settings"]["knn"]["T"], grid, new["knn_temperatures"])
+                 res["settings"][sy.KNN]["T"], grid, new["knn_temperatures"])
         grid = new["knn_temperatures"]
-    per_T = {str(T): min(r["ppl"] for r in res["sweeps"]["validation"]["knn"] if r["T"] == T) for T in grid}
-    T = float(res["settings"]["knn"]["T"])
-    edge = "T" in res["edges"].get("knn", [])
+    per_T = {str(T): min(r["ppl"] for r in res["sweeps"]["validation"][sy.KNN] if r["T"] == T) for T in grid}
+    T = float(res["settings"][sy.KNN]["T"])
+    edge = "T" in res["edges"].get(sy.KNN, [])
     log.info("knn-targets: temperature %g chosen on %d validation positions (kNN-LM PPL by T: %s)%s", T, sc.n,
              ", ".join(f"{t}: {p:.3f}" for t, p in per_T.items()),
              "; it is still on the edge of the widened grid" if edge else "")
-    return T, {"ppl_by_T": per_T, "lam": res["settings"]["knn"]["lam"], "positions": sc.n, "edge": edge,
+    return T, {"ppl_by_T": per_T, "lam": res["settings"][sy.KNN]["lam"], "positions": sc.n, "edge": edge,
                "grid": grid}
 
 

@@ -14,6 +14,7 @@ from mlpmem.errors import StageError
 from mlpmem.files import atomic_write_json, read_json
 from mlpmem.runtime import dist_info
 from mlpmem.stages import Stage
+from mlpmem import systems as sy
 
 TIMINGS = "timings.json"  # <run dir>/timings.json: stage -> wall seconds of the run that built its output
 
@@ -25,7 +26,7 @@ def stage_output(stage: Stage, cfg: Config) -> str | None:
 
 def joint_eval_config(cfg: Config) -> Config:
     """``cfg`` set to evaluate the pair trained by `mlpmem joint` (its LM alone and with its memory)."""
-    systems = [s for s in cfg.eval.systems if s in ("base", "memory")]
+    systems = [s for s in cfg.eval.systems if s in (sy.BASE, sy.MEMORY)]
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, joint=True, systems=systems,
                                                              out_name=f"{cfg.eval.out_name}-joint"))
 

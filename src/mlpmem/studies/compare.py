@@ -37,6 +37,7 @@ from mlpmem.disk import human_bytes
 from mlpmem.files import atomic_write_json, atomic_write_text
 from mlpmem.stages import STAGES
 from mlpmem.studies.common import interval, joint_eval_config, link, pct, run_timed
+from mlpmem import systems as sy
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +46,26 @@ ALL = ("prepare", "finetune", "extract", "index", "knn-targets", "train", "eval"
 VARIANTS = {
     "vanilla": ({"finetune.mode": "none"}, None, (), ALL),
     "full": ({"finetune.mode": "full"}, "vanilla", (DATA,), ALL[1:]),
-    "lora": ({"finetune.mode": "lora", "eval.systems": ["base"]}, "vanilla", (DATA,), ("finetune", "eval")),
-    "full-ce": ({"finetune.mode": "full", "train.alpha": 0.0, "eval.systems": ["base", "memory"]}, "full",
+    "lora": ({"finetune.mode": "lora", "eval.systems": [sy.BASE]}, "vanilla", (DATA,), ("finetune", "eval")),
+    "full-ce": ({"finetune.mode": "full", "train.alpha": 0.0, "eval.systems": [sy.BASE, sy.MEMORY]}, "full",
                 (DATA, FINETUNE, "datastore", "index", TARGETS), ("train", "eval")),
-    "joint": ({"finetune.mode": "full", "eval.systems": ["base", "memory"]}, "full",
+    "joint": ({"finetune.mode": "full", "eval.systems": [sy.BASE, sy.MEMORY]}, "full",
               (DATA, FINETUNE, "datastore", "index", TARGETS, MEMORY, "eval"), ("joint", "eval")),
 }
 # table rows: (label, variant, system)
 ROWS = [
-    ("base LM", "vanilla", "base"),
-    ("base + kNN-LM", "vanilla", "knn"),
-    ("base + memory", "vanilla", "memory"),
-    ("base + memory + kNN-LM", "vanilla", "memory+knn"),
-    ("fine-tuned (full)", "full", "base"),
-    ("fine-tuned (LoRA)", "lora", "base"),
-    ("fine-tuned + kNN-LM", "full", "knn"),
-    ("fine-tuned + memory", "full", "memory"),
-    ("fine-tuned + memory + kNN-LM", "full", "memory+knn"),
-    ("fine-tuned + memory, alpha = 0 (control)", "full-ce", "memory"),
-    ("fine-tuned + memory, then trained jointly", "joint", "memory"),
-    ("its jointly trained LM without the memory", "joint", "base"),
+    ("base LM", "vanilla", sy.BASE),
+    ("base + kNN-LM", "vanilla", sy.KNN),
+    ("base + memory", "vanilla", sy.MEMORY),
+    ("base + memory + kNN-LM", "vanilla", sy.MEMORY_KNN),
+    ("fine-tuned (full)", "full", sy.BASE),
+    ("fine-tuned (LoRA)", "lora", sy.BASE),
+    ("fine-tuned + kNN-LM", "full", sy.KNN),
+    ("fine-tuned + memory", "full", sy.MEMORY),
+    ("fine-tuned + memory + kNN-LM", "full", sy.MEMORY_KNN),
+    ("fine-tuned + memory, alpha = 0 (control)", "full-ce", sy.MEMORY),
+    ("fine-tuned + memory, then trained jointly", "joint", sy.MEMORY),
+    ("its jointly trained LM without the memory", "joint", sy.BASE),
 ]
 # the comparisons that answer "build a memory, or just fine-tune?" (a row vs another; both must exist)
 PAIRS = [
@@ -123,10 +124,10 @@ def _compute(vdir: Path, system: str, batch_size: int) -> str:
     jm = read_manifest(vdir / JOINT) or {}
     if jm.get("tokens"):
         parts.append(f"joint {jm['tokens'] / 1e3:.0f}K tok ({jm['epochs']:.2g} ep, {jm['mode']})")
-    if system in ("knn", "memory", "memory+knn"):
+    if "extract" in sy.SYSTEMS[system].needs:  # reads the datastore
         ds = read_manifest(vdir / "datastore") or {}
         parts.append(f"fwd {ds.get('n_positions', 0) / 1e3:.0f}K")
-    if "memory" in system:
+    if sy.SYSTEMS[system].uses_memory:
         steps = ((read_manifest(vdir / MEMORY) or {}).get("summary") or {}).get("steps", 0)
         parts.append(f"memory {steps * batch_size / 1e3:.0f}K pos")
     return ", ".join(parts) or "-"
@@ -163,7 +164,7 @@ def table(cfg: Config) -> dict:
                      "ppl": res["splits"][split]["systems"][system]["ppl"],
                      "ood_ppl": res["splits"].get(OOD, {}).get("systems", {}).get(system, {}).get("ppl"),
                      "base_params": res["model"]["n_params"],
-                     "memory_params": meta.get("params") if "memory" in system else None,
+                     "memory_params": meta.get("params") if sy.SYSTEMS[system].uses_memory else None,
                      "trainable_lm_params": ft.get("trainable_params"),
                      "storage_bytes": meta.get("storage_bytes"), "tokens_per_s": meta.get("tokens_per_s"),
                      "compute": _compute(vcfg.run_dir, system, vcfg.train.batch_size), "edges": res.get("edges", {}).get(system)})

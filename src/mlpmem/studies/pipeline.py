@@ -15,6 +15,7 @@ from mlpmem.config import Config
 from mlpmem.runtime import dist_info
 from mlpmem.stages import STAGES, pipeline_stages
 from mlpmem.studies.common import TIMINGS, joint_eval_config, record_timings, run_timed
+from mlpmem import systems as sy
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def run(cfg: Config) -> dict:
         for stage in pipeline_stages():
             if stage.name == "generate" and not main:  # eval shares its windows among processes
                 continue
-            if stage.name == "generate" and "memory" not in cfg.eval.systems and cfg.generate.lam is None:
+            if stage.name == "generate" and sy.MEMORY not in cfg.eval.systems and cfg.generate.lam is None:
                 log.info("=== pipeline: generate skipped: eval tuned no memory lambda (memory is not among "
                          "--eval.systems) ===")
                 continue

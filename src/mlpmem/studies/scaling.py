@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mlpmem import systems as sy
+
 SIZE = "knn.datastore_tokens"
-SYSTEMS = (("knn", "kNN-LM"), ("memory", "memory"), ("memory+knn", "memory + kNN-LM"))
+SYSTEMS = tuple((s, sy.SYSTEMS[s].label) for s in (sy.KNN, sy.MEMORY, sy.MEMORY_KNN))  # (name, column label)
 
 
 def _split(rows: list[dict]) -> str:
@@ -130,9 +132,10 @@ def scaling_table(rows: list[dict]) -> str:
                   "kNN-LM | train s |", "|---" * 7 + "|"]
         for r in g["memory"]:
             sp = r["splits"][split]["systems"]
+            alone = sp.get(sy.MEMORY_ALONE, {}).get("ppl", float("nan"))
             lines.append(f"| {r['memory_blocks']} | {fmt_params(r['memory_params'])} | "
-                         f"{r['memory_params'] / at:.0f} | {sp.get('memory alone', {}).get('ppl', float('nan')):.3f} | "
-                         f"{_ppl(r, split, 'memory')} | {_ppl(r, split, 'knn')} | "
+                         f"{r['memory_params'] / at:.0f} | {alone:.3f} | "
+                         f"{_ppl(r, split, sy.MEMORY)} | {_ppl(r, split, sy.KNN)} | "
                          f"{r['wall_seconds'].get('train', '-')} |")
     return "\n".join(lines)
 

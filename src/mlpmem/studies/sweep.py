@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlpmem.artifacts import DATASTORE, MEMORY, claim, load_eval_results, load_eval_scores, load_offsets, read_manifest, \
     rebuilding_stale
+from mlpmem import systems as sy
 from mlpmem.config_values import flat_options
 from mlpmem.config import Config, load_config, point_name
 from mlpmem.errors import ConfigError
@@ -28,9 +29,6 @@ from mlpmem.studies.common import interval, link, read_timings, run_timed, stage
 from mlpmem.studies.scaling import finetuned_vs_base, plot_scaling, projection, projection_table, scaling_table
 
 log = logging.getLogger(__name__)
-
-MEASURED = ("base", "knn", "memory", "memory alone", "memory+knn")
-
 
 def point_config(cfg: Config, point: dict) -> Config:
     """The point's config: ``cfg`` with --sweep.eval, then the point's own options (which may set eval options
@@ -42,16 +40,6 @@ def point_config(cfg: Config, point: dict) -> Config:
         return load_config(None, {**flat, **evals, **point, "out_dir": str(out), "force": False})
     except ConfigError as e:
         raise ConfigError(f"--sweep.points: point {point_name(point)}: {e}") from None
-
-
-def needed_stages(systems) -> set[str]:
-    """The pipeline stages an evaluation of ``systems`` reads (the base LM needs only the data and its model)."""
-    need = {"prepare", "finetune"}
-    if set(systems) & {"knn", "memory+knn"}:
-        need |= {"extract", "index"}
-    if set(systems) & {"memory", "memory+knn"}:
-        need |= {"extract", "index", "knn-targets", "train"}
-    return need
 
 
 def plan(cfg: Config, point: dict) -> list[tuple[str, str, str | None]]:
@@ -75,7 +63,7 @@ def plan(cfg: Config, point: dict) -> list[tuple[str, str, str | None]]:
 
     mine = relevant(point)
     others = [(n, relevant(p)) for n, p in zip(names, cfg.sweep.points)]
-    need = needed_stages(point_config(cfg, point).eval.systems)
+    need = sy.needed_stages(point_config(cfg, point).eval.systems)
     out = []
     for st in stages:
         if st.name == "eval":
@@ -179,7 +167,7 @@ def collect(cfg: Config) -> dict:
                "facts": _stage_facts(pcfg)}
         if split in res["splits"]:
             scored = load_eval_scores(pcfg.run_dir, pcfg.eval.out_name, split)
-            for system in ("base", "memory", "knn"):
+            for system in (sy.BASE, sy.MEMORY, sy.KNN):
                 if system in res["settings"]:
                     lp[(name, system)] = system_logprobs(scored, system, res["settings"][system], pcfg)
             if docs is None:
@@ -245,15 +233,15 @@ def _markdown(rows: list[dict], split: str, ref: str | None) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["ppl"].get(split, {})
-        st = r["settings"].get("memory", {})
+        st = r["settings"].get(sy.MEMORY, {})
         nan = float("nan")
-        edge = f" (edge: {', '.join(r['edges']['memory'])})" if r["edges"].get("memory") else ""
-        mix = f"{p['memory']:.3f} ({st.get('lam', nan):.2f}, {st.get('T_mem', nan):g}){edge}" if "memory" in p else "-"
-        alone = f"{p['memory alone']:.3f}" if "memory alone" in p else "-"
+        edge = f" (edge: {', '.join(r['edges'][sy.MEMORY])})" if r["edges"].get(sy.MEMORY) else ""
+        mix = f"{p[sy.MEMORY]:.3f} ({st.get('lam', nan):.2f}, {st.get('T_mem', nan):g}){edge}" if sy.MEMORY in p else "-"
+        alone = f"{p[sy.MEMORY_ALONE]:.3f}" if sy.MEMORY_ALONE in p else "-"
         params = fmt_params(r["memory_params"]) if r["memory_params"] else "-"
         epochs = f"{r['train_epochs']:g} ({r['train_steps'] or '-'})" if r["train_epochs"] is not None else "-"
         lines.append(f"| {r['point']} | {params} | {epochs} | "
-                     f"{p.get('base', nan):.3f} | {alone} | {mix} | {interval(r.get('memory_vs_base_lm'))} | "
+                     f"{p.get(sy.BASE, nan):.3f} | {alone} | {mix} | {interval(r.get('memory_vs_base_lm'))} | "
                      f"{interval(r.get('memory_vs_base_point'))} | {r['wall_seconds'].get('train', '-')} |")
     lines += ["", f"Settings tuned on validation per point; intervals: paired bootstrap over the documents of {split}."]
     return "\n".join(lines)
@@ -276,14 +264,14 @@ def plot_sweep(res: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [r for r in rows if list(r["options"]) == [key] or r is ref]
-        pts = [r for r in pts if r["values"].get(key) is not None and "memory" in r["ppl"].get(split, {})]
+        pts = [r for r in pts if r["values"].get(key) is not None and sy.MEMORY in r["ppl"].get(split, {})]
         pts.sort(key=lambda r: r["values"][key])
         xs = [r["values"][key] for r in pts]
-        for system, style in (("memory", "o-"), ("memory alone", "s--")):
-            ax.plot(xs, [r["ppl"][split][system] for r in pts], style, label="base + memory" if system == "memory"
-                    else "memory alone")
+        for system, style in ((sy.MEMORY, "o-"), (sy.MEMORY_ALONE, "s--")):
+            ax.plot(xs, [r["ppl"][split][system] for r in pts], style, label="base + memory" if system == sy.MEMORY
+                    else sy.SYSTEMS[sy.MEMORY_ALONE].label)
         if pts:
-            ax.axhline(pts[0]["ppl"][split]["base"], color="grey", ls=":", label="base LM")
+            ax.axhline(pts[0]["ppl"][split][sy.BASE], color="grey", ls=":", label="base LM")
         ax.set_xlabel(key)
         ax.set_ylabel(f"{split} perplexity")
         if all(isinstance(x, (int, float)) and x > 0 for x in xs) and len(xs) > 1 and max(xs) / min(xs) >= 4:
