@@ -116,20 +116,20 @@ def test_corrupt_prepared_tokens_are_refused(run, capsys):
 def test_checks_find_the_first_bad_position_across_chunks(monkeypatch, tmp_path):
     """The passes run in chunks (bounded memory on 100M+ rows): positions are global and a decrease that straddles
     two chunks is still seen. (On files, each pass runs once per version of the file: its result is cached.)"""
-    from mlpmem.artifacts import readers
+    from mlpmem.artifacts import ranges
     from mlpmem.errors import StageError
 
-    monkeypatch.setattr(readers, "_CHUNK", 4)
+    monkeypatch.setattr(ranges, "_CHUNK", 4)
     p = tmp_path / "x.npy"
     ids = np.arange(10, dtype=np.int32) % 5
-    readers._scan_ids(p, ids, 5, "cmd", "id")
+    ranges._scan_ids(p, ids, 5, "cmd", "id")
     ids[6] = 9
     with pytest.raises(StageError, match="id 9 at position 6 >= vocabulary 5"):
-        readers._scan_ids(p, ids, 5, "cmd", "id")
+        ranges._scan_ids(p, ids, 5, "cmd", "id")
     offsets = np.array([0, 1, 2, 5, 4, 4, 6, 7, 8], dtype=np.int64)  # 5 -> 4 is the step from chunk 0 into 1
     with pytest.raises(StageError, match=r"decrease at row 3 \(5, then 4\)"):
-        readers._scan_offsets(p, offsets, "cmd")
+        ranges._scan_offsets(p, offsets, "cmd")
     probs = np.full(9, 0.5, dtype=np.float16)
     probs[8] = np.inf
     with pytest.raises(StageError, match="probability inf at position 8"):
-        readers._scan_probs(p, probs, "cmd")
+        ranges._scan_probs(p, probs, "cmd")

@@ -29,7 +29,8 @@ import torch
 
 from mlpmem.artifacts.manifest import read_manifest, verify_chain
 from mlpmem.errors import StageError
-from mlpmem.files import cached_per_file, fingerprint, load_npy, read_json
+from mlpmem.artifacts.ranges import check_ids, check_offsets, check_probs, corrupt
+from mlpmem.files import fingerprint, load_npy, read_json
 from mlpmem import systems as sy
 
 if TYPE_CHECKING:
@@ -48,72 +49,6 @@ JOINT, JOINT_MEMORY = "joint", "memory"  # `mlpmem joint`'s output, and the memo
 def is_complete(path: Path) -> bool:
     m = read_manifest(path)
     return bool(m and m.get("complete"))
-
-
-# ----------------------------------------------------------------------------- range checks on open
-# A corrupt id or probability would otherwise surface steps later as an index error deep in training ("this is a
-# bug"), far from the file that holds it. One vectorised pass per array (chunks bound the memory; the rows can be
-# 100M+), a message naming the file, the first bad position and the command that rewrites it.
-
-_CHUNK = 1 << 24  # elements per pass: 64 MB of int32
-
-
-def _corrupt(path: Path, what: str, rerun: str) -> StageError:
-    return StageError(f"{path} is corrupt: {what}; rerun `{rerun}` (and the stages after it)")
-
-
-def _once(path: Path, what: str, check) -> None:
-    """Run ``check()`` once per version of the file (a passed check is cached by size, mtime and inode): a 100M-row
-    target set is read in full on its first open only."""
-    cached_per_file(path, what, lambda: check() or True)
-
-
-def _check_ids(path: Path, ids: np.ndarray, vocab_size: int | None, rerun: str, what: str = "id") -> None:
-    """Every token id in [0, vocab_size); ``vocab_size`` None (an older manifest): nothing to check against."""
-    if vocab_size is not None:
-        _once(path, f"ids<{vocab_size}:{len(ids)}", lambda: _scan_ids(path, ids, vocab_size, rerun, what))
-
-
-def _scan_ids(path: Path, ids: np.ndarray, vocab_size: int, rerun: str, what: str) -> None:
-    for a in range(0, len(ids), _CHUNK):
-        c = np.asarray(ids[a:a + _CHUNK])
-        if c.min() < 0 or c.max() >= vocab_size:
-            i = int(np.argmax((c < 0) | (c >= vocab_size)))
-            v = int(c[i])
-            raise _corrupt(path, f"{what} {v} at position {a + i} "
-                                 f"{'< 0' if v < 0 else f'>= vocabulary {vocab_size}'}", rerun)
-
-
-def _check_probs(path: Path, probs: np.ndarray, rerun: str) -> None:
-    """Every probability finite and in [0, 1] (min/max compare false on NaN, so NaN fails too)."""
-    _once(path, "probs", lambda: _scan_probs(path, probs, rerun))
-
-
-def _scan_probs(path: Path, probs: np.ndarray, rerun: str) -> None:
-    for a in range(0, len(probs), _CHUNK):
-        c = np.asarray(probs[a:a + _CHUNK])
-        if not (c.min() >= 0 and c.max() <= 1):
-            i = int(np.argmax(~((c >= 0) & (c <= 1))))
-            raise _corrupt(path, f"probability {c[i]} at position {a + i} is not in [0, 1]", rerun)
-
-
-def _check_offsets(path: Path, offsets: np.ndarray, n_entries: int, entries: Path, rerun: str) -> None:
-    """CSR offsets: start at 0, never decrease, end at the number of entries of the arrays they index."""
-    if int(offsets[-1]) != n_entries:  # cheap, and about the other file too: never cached
-        raise _corrupt(path, f"the offsets end at {int(offsets[-1])} but {entries.name} holds {n_entries} "
-                             "entries", rerun)
-    _once(path, "offsets", lambda: _scan_offsets(path, offsets, rerun))
-
-
-def _scan_offsets(path: Path, offsets: np.ndarray, rerun: str) -> None:
-    if int(offsets[0]) != 0:
-        raise _corrupt(path, f"the offsets start at {int(offsets[0])}, not 0", rerun)
-    for a in range(0, len(offsets) - 1, _CHUNK):
-        d = np.diff(np.asarray(offsets[a:a + _CHUNK + 1]))  # one element of overlap: no step is missed
-        if len(d) and d.min() < 0:
-            r = a + int(np.argmax(d < 0))
-            raise _corrupt(path, f"the offsets decrease at row {r} ({int(offsets[r])}, then "
-                                 f"{int(offsets[r + 1])})", rerun)
 
 
 # ----------------------------------------------------------------------------- prepared splits
@@ -143,7 +78,7 @@ def load_split(run_dir: Path, split: str, tokenizer_hash: str | None = None) -> 
                          f"(hash {tokenizer_hash}): rerun `{rerun}` with the same --model.name")
     path = d / "tokens.npy"
     tokens = load_npy(path, np.int32, m["counts"][split]["tokens"])
-    _check_ids(path, tokens, m.get("vocab_size"), rerun, "token")  # absent in older manifests
+    check_ids(path, tokens, m.get("vocab_size"), rerun, "token")  # absent in older manifests
     return tokens, m
 
 
@@ -223,7 +158,7 @@ class Datastore:
             self.vals_shards = [self.vals_shards[i][:sh["stop"] - sh["start"]] for i, sh in zip(keep, self.shards)]
             self.n = limit
         for s, v in zip(self.shards, self.vals_shards):  # the next-token ids (the kNN labels)
-            _check_ids(self.dir / s["vals"], v, (m.get("model") or {}).get("vocab_size"), "mlpmem extract --force")
+            check_ids(self.dir / s["vals"], v, (m.get("model") or {}).get("vocab_size"), "mlpmem extract --force")
 
     @property
     def fingerprint(self) -> str:
@@ -283,11 +218,11 @@ def _csr_set(d: Path, names: dict, rows: int, vocab_size: int | None) -> tuple[n
     ids, probs = load_npy(d / names["ids"], np.int32), load_npy(d / names["probs"], np.float16)
     if ids.ndim != 1 or probs.ndim != 1:
         raise StageError(f"the kNN targets in {d} are not 1-D CSR arrays: rerun `{rerun}`")
-    _check_offsets(d / names["offsets"], offsets, len(ids), d / names["ids"], rerun)
+    check_offsets(d / names["offsets"], offsets, len(ids), d / names["ids"], rerun)
     if len(probs) != len(ids):
-        raise _corrupt(d / names["probs"], f"{len(probs)} probabilities for {len(ids)} ids", rerun)
-    _check_ids(d / names["ids"], ids, vocab_size, rerun)
-    _check_probs(d / names["probs"], probs, rerun)
+        raise corrupt(d / names["probs"], f"{len(probs)} probabilities for {len(ids)} ids", rerun)
+    check_ids(d / names["ids"], ids, vocab_size, rerun)
+    check_probs(d / names["probs"], probs, rerun)
     return offsets, ids, probs
 
 

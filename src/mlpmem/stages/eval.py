@@ -90,8 +90,9 @@ def run(cfg: Config) -> dict:
     grids = {"knn_temperatures": sorted(cfg.eval.knn_temperatures),
              "memory_temperatures": sorted(cfg.eval.memory_temperatures), "lambdas": sorted(cfg.eval.lambdas)}
     scored: dict = {}
+    prev: dict | None = None  # the grids of the round before (None: score in the first round)
     for rnd in range(MAX_WIDENINGS + 1):
-        if rnd == 0 or _temperatures(grids) != _temperatures(prev):
+        if prev is None or _temperatures(grids) != _temperatures(prev):
             scorer = make_scorer(grids["knn_temperatures"]) if make_scorer is not None else None
             scored = _score_splits(cfg, lm, hook, memory, scorer, grids["memory_temperatures"], out, fp, dist,
                                    reuse=rnd == 0 and not cfg.force)
