@@ -84,3 +84,14 @@ def pct(x: float) -> str:
 def interval(ci: dict | None) -> str:
     """A change with its 95% interval, e.g. '-3.2% [-4.0%, -2.5%]'; '' without one."""
     return f"{pct(ci['change'])} [{pct(ci['ci95'][0])}, {pct(ci['ci95'][1])}]" if ci else ""
+
+
+def save_figure(fig, path: Path) -> bool:
+    """Lay out, write (creating the folder) and close a study's matplotlib figure; True, for the plot functions."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

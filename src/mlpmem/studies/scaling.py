@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem import systems as sy
+from mlpmem.studies.common import save_figure
 
 SIZE = "knn.datastore_tokens"
 SYSTEMS = tuple((s, sy.SYSTEMS[s].label) for s in (sy.KNN, sy.MEMORY, sy.MEMORY_KNN))  # (name, column label)
@@ -180,11 +181,7 @@ def plot_scaling(res: dict, path: Path) -> bool:
         a.grid(alpha=0.3)
         if a.has_data():
             a.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- projection to larger corpora

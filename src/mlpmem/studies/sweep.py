@@ -25,7 +25,7 @@ from mlpmem.config import Config, load_config, point_name
 from mlpmem.errors import ConfigError
 from mlpmem.files import atomic_write_json, atomic_write_text
 from mlpmem.stages import STAGES, pipeline_stages
-from mlpmem.studies.common import interval, link, read_timings, run_timed, stage_output
+from mlpmem.studies.common import interval, link, read_timings, run_timed, save_figure, stage_output
 from mlpmem.studies.scaling import finetuned_vs_base, plot_scaling, projection, projection_table, scaling_table
 
 log = logging.getLogger(__name__)
@@ -278,9 +278,5 @@ def plot_sweep(res: dict, path: Path) -> bool:
             ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
