@@ -120,3 +120,28 @@ def test_pipeline_rerun_is_a_no_op(assets, trained, tmp_path, capsys):
     assert "extract" not in first and "train" not in first and "eval" in first
     assert timings["eval"] == first["eval"] and timings == {**first, "generate": timings["generate"]}
     assert "[+memory" in capsys.readouterr().out
+
+
+def test_generate_uses_evals_gate_and_a_neutral_gate_equals_its_lambda(assets, trained, monkeypatch, capsys):
+    """With no --generate.lam, generate mixes with the gate eval fitted (tuned_settings(...).gate); a gate with w = 0
+    is exactly its starting λ, so its continuations equal the fixed-λ ones. An explicit --generate.lam skips it."""
+    from mlpmem.artifacts import TunedSettings
+    from mlpmem.components.gate import FEATURES, Gate
+
+    family, run = trained
+    fixed = generate.run(config(assets, run, family, **{"generate.lam": 0.5}))["generations"]
+    n = len(FEATURES)
+    gate = Gate(lam0=0.5, lam_max=0.9, T_mem=1.0, w=(0.0,) * n, b=0.0, mu=(0.0,) * n, sd=(1.0,) * n)
+    seen = []
+
+    def tuned(run_dir, out_name, lam=None, **kw):
+        seen.append(lam)
+        return TunedSettings(lam=0.5 if lam is None else lam, mem_T=1.0, gate=gate, source="test")
+
+    monkeypatch.setattr(generate, "tuned_settings", tuned)
+    capsys.readouterr()
+    gated = generate.run(config(assets, run, family))["generations"]
+    assert "[+memory λ=gate]" in capsys.readouterr().out
+    assert [r["memory"] for r in gated] == [r["memory"] for r in fixed]
+    explicit = generate.run(config(assets, run, family, **{"generate.lam": 0.0}))["generations"]
+    assert all(r["memory"] == r["base"] for r in explicit) and seen == [None, 0.0]

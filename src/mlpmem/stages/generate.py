@@ -39,10 +39,12 @@ def run(cfg: Config) -> dict:
     tuned = tuned_settings(cfg.run_dir, cfg.eval.out_name, cfg.generate.lam, flag="--generate.lam",
                            mem_T=cfg.memory.temperature)
     lam = tuned.lam
-    log.info("generate: memory lambda %g (%s), temperature %g", lam, tuned.source, tuned.mem_T)
+    gate = tuned.gate if cfg.generate.lam is None else None  # eval's per-token gate, unless a fixed λ is asked for
+    log.info("generate: memory lambda %s (%s), temperature %g", "per token (gate)" if gate else f"{lam:g}",
+             tuned.source, tuned.mem_T)
     torch.manual_seed(cfg.seed)
     base = generate_texts(lm, cfg.generate.prompts, cfg) if cfg.generate.side_by_side else None
-    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=tuned.mem_T)
+    handle = attach_memory(lm.model, memory, lam=lam, mem_temperature=tuned.mem_T, gate=gate)
     try:
         torch.manual_seed(cfg.seed)
         joint = generate_texts(lm, cfg.generate.prompts, cfg)
@@ -53,6 +55,6 @@ def run(cfg: Config) -> dict:
         print(f"\n### {p}")
         if base is not None:
             print(f"[base]            {base[i].strip()}")
-        print(f"[+memory λ={lam:g}] {joint[i].strip()}")
+        print(f"[+memory λ={'gate' if gate else f'{lam:g}'}] {joint[i].strip()}")
         rows.append({"prompt": p, "base": base[i] if base else None, "memory": joint[i], "lam": lam})
     return {"generations": rows}
