@@ -122,3 +122,21 @@ def tiny_config(tmp: Path, family: str = "llama", **overrides):
     }
     base.update(overrides)
     return load_config(None, base)
+
+
+def metrics_untimed(path: Path) -> list[dict]:
+    """A metrics.jsonl without its timings (tokens_per_s), to compare a resumed run's with an uninterrupted one's."""
+    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in path.read_text().splitlines()]
+
+
+def spy_resumes(monkeypatch, module) -> list[int]:
+    """The steps ``module._load_last`` (trainer or finetune) resumes from, in order."""
+    resumed, load_last = [], module._load_last
+
+    def spy(*a, **k):
+        st = load_last(*a, **k)
+        resumed.append(int(st["step"]))
+        return st
+
+    monkeypatch.setattr(module, "_load_last", spy)
+    return resumed

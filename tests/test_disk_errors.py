@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_config
+from helpers import metrics_untimed, spy_resumes, tiny_config
 from mlpmem.cli import main
 from mlpmem.components import finetune as ft
 from mlpmem.components import trainer
@@ -82,23 +82,6 @@ def metric_keys(path: Path) -> list[tuple]:
     return keys
 
 
-def untimed(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in path.read_text().splitlines()]
-
-
-def spy_resume(monkeypatch, module) -> list[int]:
-    """The steps the runs resumed from (module: trainer or finetune)."""
-    resumed, load_last = [], module._load_last
-
-    def spy(*a, **k):
-        st = load_last(*a, **k)
-        resumed.append(int(st["step"]))
-        return st
-
-    monkeypatch.setattr(module, "_load_last", spy)
-    return resumed
-
-
 class FullDisk:
     """A writable file that takes ``room`` bytes, then refuses the rest with ENOSPC (what write(2) does)."""
 
@@ -151,11 +134,11 @@ def test_train_checkpoint_on_a_full_disk_is_one_line_then_resumes(ref, fresh, mo
     assert max(k[0] for k in metric_keys(mem / "metrics.jsonl")) == 4  # step 4 was logged before its checkpoint
 
     monkeypatch.undo()
-    resumed = spy_resume(monkeypatch, trainer)
+    resumed = spy_resumes(monkeypatch, trainer)
     assert main(["train", "--config", str(config)]) == 0
     assert resumed == [2]
     metric_keys(mem / "metrics.jsonl")
-    assert untimed(mem / "metrics.jsonl") == untimed(ref.run / "memory" / "metrics.jsonl")
+    assert metrics_untimed(mem / "metrics.jsonl") == metrics_untimed(ref.run / "memory" / "metrics.jsonl")
     for sub in ("best", "last"):
         assert (mem / sub / "model.safetensors").read_bytes() == \
             (ref.run / "memory" / sub / "model.safetensors").read_bytes(), sub
@@ -187,7 +170,7 @@ def test_train_over_a_file_size_limit_is_one_line_then_reruns_without_duplicate_
 
     assert main(["train", "--config", str(config)]) == 0  # space freed: starts over, logging each step once
     metric_keys(mem / "metrics.jsonl")
-    assert untimed(mem / "metrics.jsonl") == untimed(ref.run / "memory" / "metrics.jsonl")
+    assert metrics_untimed(mem / "metrics.jsonl") == metrics_untimed(ref.run / "memory" / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -204,7 +187,7 @@ def test_finetune_checkpoint_on_a_full_disk_is_one_line_then_resumes(ref, fresh,
     assert max(k[0] for k in metric_keys(out / "metrics.jsonl")) == 20
 
     monkeypatch.undo()
-    resumed = spy_resume(monkeypatch, ft)
+    resumed = spy_resumes(monkeypatch, ft)
     assert main(["finetune", "--config", str(config)]) == 0
     assert resumed == [10]
     keys = metric_keys(out / "metrics.jsonl")
@@ -316,11 +299,11 @@ def test_interrupted_force_run_says_to_rerun_without_force_and_that_resumes(ref,
     assert torch.load(mem / "last" / trainer.STATE_NAME, weights_only=True)["step"] == 2
 
     monkeypatch.undo()
-    resumed = spy_resume(monkeypatch, trainer)
+    resumed = spy_resumes(monkeypatch, trainer)
     assert main(["train", "--config", str(config)]) == 0
     assert resumed == [2]
     assert json.loads((mem / "manifest.json").read_text())["complete"] is True
-    assert untimed(mem / "metrics.jsonl") == untimed(ref.run / "memory" / "metrics.jsonl")
+    assert metrics_untimed(mem / "metrics.jsonl") == metrics_untimed(ref.run / "memory" / "metrics.jsonl")
     for sub in ("best", "last"):
         assert (mem / sub / "model.safetensors").read_bytes() == \
             (ref.run / "memory" / sub / "model.safetensors").read_bytes(), sub

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import tiny_config
+from helpers import metrics_untimed, spy_resumes, tiny_config
 from mlpmem.cli import main
 
 # Small enough to be fast, large enough that every fault point is reached more than once: extract flushes every 8
@@ -149,25 +149,6 @@ def joint_ref(ref):
     return _reference(ref, "joint", JOINT)
 
 
-def metrics(p: Path) -> list[dict]:
-    """A metrics.jsonl without its timings: the killed run's lost lines dropped, the rest as if never interrupted."""
-    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in p.read_text().splitlines()]
-
-
-def spy_resumes(monkeypatch, module) -> list[int]:
-    """The steps ``module._load_last`` resumes from, in order."""
-    resumed = []
-    load_last = module._load_last
-
-    def spy(*a, **k):
-        st = load_last(*a, **k)
-        resumed.append(int(st["step"]))
-        return st
-
-    monkeypatch.setattr(module, "_load_last", spy)
-    return resumed
-
-
 def assert_killed_inside_last_swap(run: Path, out: Path, at_step: int) -> None:
     """``out/last`` still names the complete checkpoint of ``at_step``; the next one, written but not switched in,
     is the run's one leftover."""
@@ -191,7 +172,7 @@ def assert_same_training(out: Path, want: Path, weights: list[str]) -> None:
 
     for rel in weights + [f"best/{WEIGHTS_NAME}", f"last/{WEIGHTS_NAME}"]:
         assert (out / rel).read_bytes() == (want / rel).read_bytes(), f"{rel} differs from the uninterrupted run's"
-    assert metrics(out / "metrics.jsonl") == metrics(want / "metrics.jsonl")
+    assert metrics_untimed(out / "metrics.jsonl") == metrics_untimed(want / "metrics.jsonl")
     got, ref_m = manifest(out), manifest(want)
     assert got["complete"] is True
     for k in ("steps", "tokens", "best_step", "best_val_loss", "base_val_loss", "final_train_loss"):
@@ -376,7 +357,7 @@ def test_train_killed_inside_checkpoint_swap_resumes(ref, fresh, monkeypatch):
     assert [p.name for p in mem.glob(".last.v-*")] == [os.readlink(mem / "last")]
     assert [p.name for p in mem.glob(".best.v-*")] == [os.readlink(mem / "best")]
 
-    assert metrics(mem / "metrics.jsonl") == metrics(ref.run / "memory" / "metrics.jsonl")
+    assert metrics_untimed(mem / "metrics.jsonl") == metrics_untimed(ref.run / "memory" / "metrics.jsonl")
     assert leftovers(run) == []
 
 
