@@ -9,7 +9,8 @@
 #
 # Usage: bash scripts/gpu_check.sh   (env: PYTHON, OUT, WORK, MODEL=<model dir or .gguf>, CORPUS=<path>,
 #                                     DEVICE=cuda; DEVICE=cpu dry-runs the script's logic on a machine without GPU;
-#                                     PIPELINE_ARGS / BENCH_ARGS: extra flags appended to those commands)
+#                                     PIPELINE_ARGS / BENCH_ARGS: extra flags appended to those commands,
+#                                     PIPELINE_TIMEOUT / BENCH_TIMEOUT: their limits in seconds, 330 and 300)
 # If the default model cannot be fetched (no network, no cache) and MODEL is unset, a small random Llama and a
 # synthetic corpus are used instead, so the CUDA code paths are still exercised (the numbers then mean little).
 set -uo pipefail
@@ -54,16 +55,20 @@ declare -A REQ=([transformers]="transformers>=5.0,<6" [tokenizers]="tokenizers>=
   [gguf]="gguf>=0.10" [accelerate]="accelerate>=1.0" [faiss]="faiss-cpu>=1.8" [numpy]="numpy>=1.26" [yaml]="pyyaml>=6"
   [tqdm]="tqdm>=4.66" [matplotlib]="matplotlib>=3.8" [datasets]="datasets>=3.0")
 missing=()
-for mod in "${!REQ[@]}"; do "$PY" -c "import $mod" >/dev/null 2>&1 || missing+=("${REQ[$mod]}"); done
+for mod in "${!REQ[@]}"; do
+  [ "$mod" = datasets ] && continue  # optional: only hf: corpora need it
+  "$PY" -c "import $mod" >/dev/null 2>&1 || missing+=("${REQ[$mod]}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing missing dependencies: ${missing[*]}"
-  if [ ! -w "$(dirname "$PY")" ] || [ "$PY" = "$(command -v python3 2>/dev/null)" ]; then
-    # do not touch the system python: a venv that sees its packages (and its CUDA torch)
-    "$PY" -m venv --system-site-packages "$ROOT/.venv-gpu" >>"$LOG" 2>&1 && PY="$ROOT/.venv-gpu/bin/python"
-  fi
-  timeout 300 "$PY" -m pip install -q "${missing[@]}" >>"$LOG" 2>&1 || say "pip install failed (offline?)"
+  # into a folder of our own on PYTHONPATH: never touch the python's environment (it may be a venv, whose
+  # packages a second venv would not see, or hold the CUDA torch that a resolver could replace)
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  # an offline machine (no package index) must fail fast, not retry for minutes
+  timeout 120 "$PY" -m pip install -q --retries 0 --timeout 10 --target "$WORK/site" "${missing[@]}" >>"$LOG" 2>&1 \
+    || say "pip install failed (offline? carry wheels and put them on PYTHONPATH)"
   for mod in "${!REQ[@]}"; do
-    [ "$mod" = datasets ] && continue  # only needed for hf: corpora
+    [ "$mod" = datasets ] && continue
     "$PY" -c "import $mod" >/dev/null 2>&1 || die "python module '$mod' is missing and could not be installed"
   done
 fi
@@ -107,7 +112,7 @@ fi
 RUN="$WORK/run"
 rm -rf "$RUN"
 say "pipeline -> $RUN"
-timeout 330 "$PY" -m mlpmem pipeline --config configs/tiny.yaml --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
+timeout "${PIPELINE_TIMEOUT:-330}" "$PY" -m mlpmem pipeline --config configs/tiny.yaml --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
   --model.device "$DEVICE" --model.dtype bf16 --data.max_train_tokens 60000 --data.max_eval_tokens 8000 \
   --window.context 512 --window.stride 256 --window.batch_size 16 --extract.shards 2 --index.factory Flat \
   --knn.k 256 --knn.store_ids 64 --memory.num_blocks 4 --train.epochs 3 --train.batch_size 1024 \
@@ -118,7 +123,7 @@ PIPE_RC=${PIPESTATUS[0]}
 
 # ----------------------------------------------------------------------------- 5. bench, small sizes
 say "bench"
-timeout 300 "$PY" -m mlpmem.cli bench --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
+timeout "${BENCH_TIMEOUT:-300}" "$PY" -m mlpmem.cli bench --out_dir "$RUN" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" \
   --model.device "$DEVICE" --model.dtype bf16 --bench.sizes 10000,100000,300000 --bench.real_keys 32768 \
   --bench.tokens 4096 --bench.train_steps 10 --bench.repeats 3 --bench.ivf_train_size 65536 ${BENCH_ARGS:-} 2>&1 \
   | tee -a "$LOG" | grep -v -E "Loading weights|%\||faiss.loader|swigfaiss|^\s*$"
