@@ -198,3 +198,85 @@ def test_the_exported_model_card_carries_hub_metadata_and_its_snippet_runs(env):
 
     os.chdir(env / "runs" / "demo")
     exec(compile(snippet, "README.md", "exec"), {"__name__": "__card__"})
+
+
+def _gated_export(env: Path) -> tuple[Path, "object"]:
+    """A copy of runs/demo/export whose config records a per-token gate (as `mlpmem export` writes one that eval
+    kept), with weights that make λ differ between positions."""
+    import shutil
+
+    from mlpmem.components.gate import FEATURES, Gate
+
+    dst = env / "runs" / "demo" / "export-gated"
+    if not dst.exists():
+        shutil.copytree(env / "runs" / "demo" / "export", dst)
+    gate = Gate(lam0=0.3, lam_max=0.9, T_mem=1.5, w=tuple(0.1 * (-1) ** i for i in range(len(FEATURES))), b=-1.0,
+                mu=(0.0,) * len(FEATURES), sd=(1.0,) * len(FEATURES))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["meta"]["tuned"]["gate"] = gate.to_dict()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst, gate
+
+
+def test_a_recorded_gate_mixes_per_token_by_default_and_a_fixed_lambda_on_request(env):
+    """The gate travels with an exported memory: mlpmem.load and lm-eval's MemoryLM mix with it per token (the
+    mixture checked against the gate's formula), and use the fixed λ when gate=False, lam= or mem_temperature= is
+    given; gate=True without a recorded gate says how to get one."""
+    import mlpmem
+    from mlpmem.components.gate import features
+    from mlpmem.components.interpolate import mix_logprobs_per_token
+    from mlpmem.components.joint import attached_memory
+
+    gated, gate = _gated_export(env)
+    model, tok = mlpmem.load("default", memory=str(gated), dtype="fp32")
+    handle = attached_memory(model)
+    assert handle.gate == gate and handle.mem_temperature == gate.T_mem
+    ids = tok(["Doc 3: the river", "Doc 7: music of the"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        mixed = model(**ids).logits
+        mlpmem.detach_memory(model)
+        lm_lp = model(**ids).logits.float().log_softmax(-1)
+        # the memory's own distribution at the gate's temperature: the fixed mixture at λ = 1
+        mlpmem.load(model, memory=str(gated), tokenizer=tok, lam=1.0, mem_temperature=gate.T_mem)
+        mem_lp = model(**ids).logits.float()
+        mlpmem.detach_memory(model)
+        lam = gate.lam(features(lm_lp, mem_lp))
+    assert lam.std() > 1e-4 and lam.max() < 0.85  # λ differs between positions, unsaturated
+    assert torch.allclose(mixed, mix_logprobs_per_token(lm_lp, mem_lp, lam).float(), atol=1e-5)
+    # a fixed mixture on request: gate=False, or an explicit lam or temperature
+    tuned = json.loads((gated / "config.json").read_text())["meta"]["tuned"]
+    for kw, lam_want in (({"gate": False}, tuned["lam"]), ({"lam": 0.2}, 0.2), ({"mem_temperature": 1.0}, tuned["lam"])):
+        model, _ = mlpmem.load("default", memory=str(gated), dtype="fp32", **kw)
+        h = attached_memory(model)
+        assert h.gate is None and h.lam == pytest.approx(lam_want), kw
+    with pytest.raises(ValueError, match="fitted with the memory at temperature 1.5"):
+        mlpmem.load("default", memory=str(gated), dtype="fp32", gate=True, mem_temperature=1.0)
+    with pytest.raises(ValueError, match="gate: no per-token gate is recorded .* memory\\+gate in --eval.systems"):
+        mlpmem.load("default", memory="runs/demo/export", dtype="fp32", gate=True)
+    # lm-eval's model: the same rule through model_args strings, and the gate in the results' model info
+    pytest.importorskip("lm_eval")
+    from mlpmem.harness import MemoryLM
+
+    lm = MemoryLM(pretrained="default", memory=str(gated), dtype="float32", batch_size=1, device="cpu")
+    assert lm.handle.gate == gate and lm.get_model_info()["memory_gate"] == gate.to_dict()
+    lm = MemoryLM(pretrained="default", memory=str(gated), dtype="float32", batch_size=1, device="cpu", gate="false")
+    assert lm.handle.gate is None and lm.get_model_info()["memory_gate"] is None
+    with pytest.raises(ValueError, match="model_args: gate=: no per-token gate"):
+        MemoryLM(pretrained="default", memory="runs/demo/export", dtype="float32", batch_size=1, device="cpu", gate="true")
+    with pytest.raises(ValueError, match="model_args: gate=: expected true, false or auto"):
+        MemoryLM(pretrained="default", memory=str(gated), dtype="float32", batch_size=1, device="cpu", gate="maybe")
+
+
+def test_export_records_the_gate_eval_kept_and_the_card_says_so():
+    from mlpmem.components.gate import FEATURES, Gate
+    from mlpmem.components.hub import model_card, tuned
+    from mlpmem.components.memory import MLPMemory, MLPMemoryConfig
+
+    gate = Gate.start(0.25, 1.0, (0.0,) * len(FEATURES), (1.0,) * len(FEATURES))
+    results = {"settings": {"memory": {"lam": 0.25, "T_mem": 1.0}, "memory+gate": {"gate": gate.to_dict()}}}
+    mem = MLPMemory(MLPMemoryConfig(family="llama", input_size=8, hidden_size=8, intermediate_size=16, num_blocks=1,
+                                    vocab_size=32))
+    assert tuned(mem, results) == {"lam": 0.25, "mem_temperature": 1.0, "gate": gate.to_dict()}
+    assert "gate" not in tuned(mem, {"settings": {"memory": {"lam": 0.25, "T_mem": 1.0}, "memory+gate": {}}})
+    assert "| per-token gate" in model_card(mem, results, memory_ref="x")
+    assert "per-token gate" not in model_card(mem, {"settings": {"memory": {"lam": 0.25}}}, memory_ref="x")

@@ -54,9 +54,10 @@ def check_memory(model: nn.Module, tokenizer: Any, memory: MLPMemory | PathLike,
 
 
 def run_tuned_settings(memory_dir: PathLike) -> dict:
-    """{"lam", "T_mem"} tuned by `mlpmem eval` for the memory in ``memory_dir`` when it lies in a run directory
-    (``<run>/memory/<checkpoint>`` or ``<run>/joint/memory``), read by :func:`mlpmem.artifacts.tuned_settings`
-    (through the eval manifest and its upstream chain); {} when that run has no finished evaluation of it."""
+    """{"lam", "T_mem"[, "gate"]} tuned by `mlpmem eval` for the memory in ``memory_dir`` when it lies in a run
+    directory (``<run>/memory/<checkpoint>`` or ``<run>/joint/memory``), read by
+    :func:`mlpmem.artifacts.tuned_settings` (through the eval manifest and its upstream chain); "gate" (a dict) when
+    eval fitted and kept the per-token gate; {} when that run has no finished evaluation of it."""
     from mlpmem.artifacts import is_complete, tuned_settings
 
     d = Path(memory_dir).resolve()  # memory/best and joint/memory are links to versioned directories
@@ -65,39 +66,80 @@ def run_tuned_settings(memory_dir: PathLike) -> dict:
     if parent is None or not is_complete(run / parent):
         return {}
     tuned = tuned_settings(run, parent, memory=False)
-    return {"lam": tuned.lam, "T_mem": tuned.mem_T} if tuned.lam is not None else {}
+    if tuned.lam is None:
+        return {}
+    got = {"lam": tuned.lam, "T_mem": tuned.mem_T}
+    return {**got, "gate": tuned.gate.to_dict()} if tuned.gate is not None else got
 
 
 def tuned_settings(memory: MLPMemory) -> dict:
-    """{"lam", "mem_temperature"} the memory was tuned at: recorded in its config by `mlpmem export`, else read
-    from the run directory it lies in; {} when neither says."""
+    """{"lam", "mem_temperature"[, "gate"]} the memory was tuned at: recorded in its config by `mlpmem export`,
+    else read from the run directory it lies in; {} when neither says. "gate" (a dict) when eval fitted and kept
+    the per-token gate (memory+gate)."""
     from mlpmem.components.hub import tuned
 
     got = tuned(memory)
     if not got and memory.source and Path(memory.source).is_dir():
         run = run_tuned_settings(memory.source)
         got = {"lam": run["lam"], "mem_temperature": run["T_mem"]} if run else {}
+        if run.get("gate"):
+            got["gate"] = run["gate"]
     return got
 
 
+def flag(value: bool | str | None, what: str) -> bool | None:
+    """``gate`` as given from Python (a bool, None) or by lm-eval's model_args (a string)."""
+    if value is None or isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    if low in ("none", "auto", ""):
+        return None
+    raise ValueError(f"{what}: expected true, false or auto, got {value!r}")
+
+
 def resolve_settings(memory: MLPMemory, lam: float | None, mem_temperature: float | None,
-                     what: str = "lam") -> tuple[float, float]:
-    """(lam, mem_temperature) by the rule of :func:`mlpmem.artifacts.tuned_settings`: the given ones, else the
+                     what: str = "lam", gate: bool | str | None = None,
+                     gate_what: str = "gate") -> tuple[float, float, Any]:
+    """(lam, mem_temperature, gate) by the rule of :func:`mlpmem.artifacts.tuned_settings`: the given ones, else the
     tuned ones (:func:`tuned_settings`), else a ValueError naming ``what`` (no default λ); a temperature nobody
-    tuned is 1."""
+    tuned is 1.
+
+    gate: None (auto) mixes with the per-token gate eval fitted and kept, unless ``lam`` or ``mem_temperature`` is
+    given (a fixed mixture asked for), as the `generate` stage does; True requires that gate (a ValueError naming
+    ``gate_what`` when none is recorded); False never uses one. The gate returned is a
+    :class:`mlpmem.components.gate.Gate` or None; with a gate the temperature is the one it was fitted at."""
+    from mlpmem.components.gate import Gate
+
     settings = tuned_settings(memory)
+    want = flag(gate, gate_what)
+    if want is True and not settings.get("gate"):
+        raise ValueError(f"{gate_what}: no per-token gate is recorded for the memory {memory.source or ''}: "
+                         "`mlpmem eval` fits one with memory+gate in --eval.systems and keeps it only where it beats "
+                         "the fixed λ on held-out validation documents (`mlpmem export` then records it)")
     if lam is None and "lam" not in settings:
         raise ValueError(f"{what} is required: no tuned lambda is recorded for the memory {memory.source or ''} "
                          "(neither in its config, as `mlpmem export` writes it, nor in a run directory evaluated by "
                          "`mlpmem eval`)")
+    fixed_asked = lam is not None or mem_temperature is not None
     lam = float(lam) if lam is not None else settings["lam"]
+    use_gate = want is True or (want is None and bool(settings.get("gate")) and not fixed_asked)
+    g = Gate.from_dict(settings["gate"]) if use_gate else None
+    if g is not None:
+        if mem_temperature is not None and float(mem_temperature) != g.T_mem:
+            raise ValueError(f"the gate was fitted with the memory at temperature {g.T_mem:g}, not "
+                             f"{float(mem_temperature):g}: leave the temperature unset, or pass {gate_what}=false")
+        return lam, g.T_mem, g
     temp = float(mem_temperature) if mem_temperature is not None else settings.get("mem_temperature", 1.0)
-    return lam, temp
+    return lam, temp, None
 
 
 def load(base: PathLike | nn.Module, memory: MLPMemory | PathLike, *, tokenizer: Any = None,
-         lam: float | None = None, mem_temperature: float | None = None, device: str = "auto", dtype: str = "auto",
-         revision: str | None = None, memory_revision: str | None = None,
+         lam: float | None = None, mem_temperature: float | None = None, gate: bool | None = None,
+         device: str = "auto", dtype: str = "auto", revision: str | None = None, memory_revision: str | None = None,
          trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer): the base LM with ``memory`` attached, ready for ``model.generate`` and lm-eval.
 
@@ -106,6 +148,9 @@ def load(base: PathLike | nn.Module, memory: MLPMemory | PathLike, *, tokenizer:
     memory: an ``mlpmem export`` folder, a run's ``memory/best``, a Hub repo id, or a loaded :class:`MLPMemory`.
     lam, mem_temperature: the memory's weight and softmax temperature; default: the tuned ones (an error if none
         are recorded and ``lam`` is not given).
+    gate: the per-token λ that `mlpmem eval` fitted (memory+gate) and kept because it beat the fixed λ on held-out
+        validation documents: None (default) uses it when one is recorded and neither ``lam`` nor
+        ``mem_temperature`` is given; True requires it; False mixes at the fixed λ.
     device, dtype: for a base loaded here ("auto": CUDA if available; bf16 where the device computes it natively,
         else fp32); the memory runs on the model's device in the model's dtype.
     Raises :class:`mlpmem.MemoryMismatch` when the memory was trained for another base model.
@@ -131,6 +176,6 @@ def load(base: PathLike | nn.Module, memory: MLPMemory | PathLike, *, tokenizer:
         model, tok, identity = base, tokenizer, identity_of(base, tokenizer)
     param = next(model.parameters())
     mem = load_memory_for(memory, identity, device=str(param.device), dtype=param.dtype, revision=memory_revision)
-    lam, temp = resolve_settings(mem, lam, mem_temperature)
-    attach_memory(model, mem.eval(), lam=lam, mem_temperature=temp)
+    lam, temp, g = resolve_settings(mem, lam, mem_temperature, gate=gate)
+    attach_memory(model, mem.eval(), lam=lam, mem_temperature=temp, gate=g)
     return model, tok

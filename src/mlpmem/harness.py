@@ -16,6 +16,8 @@ model_args beyond HFLM's own:
     lam              the memory's weight; default: the tuned one (recorded in an exported memory's config, or read
                      through the run's manifests when ``memory`` lies in a run directory), else an error
     mem_temperature  the memory's softmax temperature; default: the tuned one, else 1
+    gate             the per-token λ eval fitted (memory+gate) and kept: auto (default: used when recorded and
+                     neither lam nor mem_temperature is given), true (required), false (the fixed λ)
 ``pretrained=default`` is the offline default model; from Python, ``pretrained`` may be a model object (pass its
 ``tokenizer=``). The results' config records λ, the temperature, the memory's fingerprint, source and base-model
 fingerprint, and counts the memory's parameters (``get_model_info``).
@@ -31,7 +33,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from mlpmem.api import identity_of, resolve_settings, run_tuned_settings
+from mlpmem.api import flag, identity_of, resolve_settings, run_tuned_settings
 from mlpmem.components.hub import check_base, load_memory_for
 from mlpmem.components.joint import attach_memory, attached_memory
 from mlpmem.components.lm import model_identity, model_source, weights_digest
@@ -46,7 +48,8 @@ class MemoryLM(HFLM):
     """HFLM with an MLP memory mixed into the model's next-token distribution (see the module docstring)."""
 
     def __init__(self, pretrained: Any = "default", memory: str | MLPMemory | None = None, lam: float | None = None,
-                 mem_temperature: float | None = None, revision: str | None = None, **kwargs: Any) -> None:
+                 mem_temperature: float | None = None, gate: bool | str | None = None, revision: str | None = None,
+                 **kwargs: Any) -> None:
         if isinstance(pretrained, str):
             mcfg = ModelConfig(name=str(pretrained), revision=revision)
             src, kw = model_source(mcfg)
@@ -63,6 +66,12 @@ class MemoryLM(HFLM):
                 raise ValueError("model_args: memory= is required (a memory folder or Hub repo id)")
             check_base(attached.memory.config.meta or {}, identity)
             self.handle, self.memory = attached, attached.memory
+            want = flag(gate, "model_args: gate=")
+            if want is True and attached.gate is None:
+                raise ValueError("model_args: gate=true, but the attached memory mixes at a fixed λ "
+                                 "(mlpmem.load(..., gate=True) attaches it with its gate)")
+            if want is False or (want is None and (lam is not None or mem_temperature is not None)):
+                attached.gate = None  # a fixed mixture asked for
             if lam is not None:
                 attached.lam = lam
             if mem_temperature is not None:
@@ -73,8 +82,9 @@ class MemoryLM(HFLM):
                              "that one, or mlpmem.detach_memory(model) first")
         param = next(self.model.parameters())
         self.memory = load_memory_for(memory, identity, device=str(param.device), dtype=param.dtype).eval()
-        lam, temp = resolve_settings(self.memory, lam, mem_temperature, what="model_args: lam=")
-        self.handle = attach_memory(self.model, self.memory, lam=lam, mem_temperature=temp)
+        lam, temp, g = resolve_settings(self.memory, lam, mem_temperature, what="model_args: lam=", gate=gate,
+                                        gate_what="model_args: gate=")
+        self.handle = attach_memory(self.model, self.memory, lam=lam, mem_temperature=temp, gate=g)
 
     @property
     def lam(self) -> float:
@@ -93,6 +103,7 @@ class MemoryLM(HFLM):
         meta = self.memory.config.meta or {}
         info.update(model_num_parameters=base + mem, base_model_num_parameters=base, memory_num_parameters=mem,
                     memory_lam=self.lam, memory_temperature=self.mem_temperature,
+                    memory_gate=self.handle.gate.to_dict() if self.handle.gate is not None else None,
                     memory_fingerprint=memory_fingerprint(self.memory), memory_source=self.memory.source,
                     memory_base_model=meta.get("base_model"), memory_base_fingerprint=meta.get("base_fingerprint"),
                     memory_hook=str(self.handle.hook_point))

@@ -68,14 +68,19 @@ def load_name(meta: dict) -> str:
 
 
 def tuned(memory: MLPMemory, results: dict | None = None) -> dict:
-    """{"lam", "mem_temperature"} the memory was tuned at: its config's ``meta.tuned`` (written by `mlpmem
-    export`), else the eval results' memory settings; {} if neither says."""
+    """{"lam", "mem_temperature"[, "gate"]} the memory was tuned at: its config's ``meta.tuned`` (written by `mlpmem
+    export`), else the eval results' memory settings; {} if neither says. "gate" (a
+    :class:`mlpmem.components.gate.Gate` as a dict) is there when eval fitted the per-token gate (memory+gate)
+    and kept it because it beat the fixed λ on held-out validation documents."""
     t = (memory.config.meta or {}).get("tuned") or {}
     if "lam" in t:
-        return {"lam": float(t["lam"]), "mem_temperature": float(t.get("mem_temperature", 1.0))}
-    st = ((results or {}).get("settings") or {}).get(sy.MEMORY) or {}
+        got = {"lam": float(t["lam"]), "mem_temperature": float(t.get("mem_temperature", 1.0))}
+        return {**got, "gate": t["gate"]} if t.get("gate") else got
+    settings = (results or {}).get("settings") or {}
+    st, gate = settings.get(sy.MEMORY) or {}, (settings.get(sy.MEMORY_GATE) or {}).get("gate")
     if "lam" in st:
-        return {"lam": float(st["lam"]), "mem_temperature": float(st.get("T_mem", 1.0))}
+        got = {"lam": float(st["lam"]), "mem_temperature": float(st.get("T_mem", 1.0))}
+        return {**got, "gate": gate} if gate else got
     return {}
 
 
@@ -143,6 +148,12 @@ def model_card(memory: MLPMemory, results: dict | None = None, corpus: dict | No
     if settings:
         lines.append(f"| tuned mixing weight λ, temperature | {_fmt(settings['lam'])}, "
                      f"{_fmt(settings['mem_temperature'])} |")
+        if settings.get("gate"):
+            g = settings["gate"]
+            lines.append(f"| per-token gate (λ from the LM's and the memory's entropies and top probabilities; "
+                         f"fitted on validation, kept because it beat the fixed λ on held-out documents) | "
+                         f"λ up to {_fmt(g['lam_max'])} around {_fmt(g['lam0'])}, temperature {_fmt(g['T_mem'])}; "
+                         "used by default (`gate=False`: the fixed λ) |")
     lam_arg = "" if settings else ", lam=0.25"
     where = ("" if default or is_hub_id(base) else
              f"  # {load_name(meta)!r}: the folder the base model was loaded from when the memory was trained")
@@ -154,7 +165,8 @@ def model_card(memory: MLPMemory, results: dict | None = None, corpus: dict | No
               "```", "",
               "`mlpmem.load` returns the base model (a plain transformers model: its own `generate`, lm-eval's "
               "`HFLM(pretrained=model, tokenizer=tok)`) with the memory mixed into its next-token distribution"
-              + (" at the tuned λ and temperature above (`lam=` overrides)" if settings else "") + ". "
+              + (" at the tuned λ and temperature above (`lam=` overrides)" if settings else "")
+              + (", λ set per token by the gate above" if settings.get("gate") else "") + ". "
               "It reads the hidden state at the hook point above, so it must be attached to exactly the base model "
               "it was trained for: `mlpmem.load`, and `mlpmem.check_memory(model, tok, memory)` for a model you "
               "loaded yourself, refuse any other (the fingerprint above)."]
