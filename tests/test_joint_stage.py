@@ -72,9 +72,17 @@ def test_joint_stage_trains_exports_and_evaluates_the_pair(tiny_run):
     assert main(["eval", "--config", str(path), "--eval.joint", "true"]) == 2
     assert main(["eval", "--config", str(path), "--eval.joint", "true", "--eval.out_name", "eval-joint",
                  "--eval.systems", "base,knn"]) == 2
-    assert main(["eval", "--config", str(path), "--eval.joint", "true", "--eval.out_name", "eval-joint"]) == 0
+    assert main(["eval", "--config", str(path), "--eval.joint", "true", "--eval.out_name", "eval-joint",
+                 "--eval.systems", "base,memory,memory+gate"]) == 0
     ej = json.loads((run / "eval-joint" / "results.json").read_text())
     ev = json.loads((run / "eval" / "results.json").read_text())
+    # the pair gets its own per-token gate (fitted on its validation scores), which loading the joint memory uses
+    assert "memory+gate" in ej["settings"] and math.isfinite(ej["splits"]["test"]["systems"]["memory+gate"]["ppl"])
+    from mlpmem.api import run_tuned_settings
+
+    tuned = run_tuned_settings(run / "joint" / "memory")
+    assert tuned["lam"] == pytest.approx(ej["settings"]["memory"]["lam"])
+    assert tuned.get("gate") == ej["settings"]["memory+gate"].get("gate")
     em = json.loads((run / "eval-joint" / "manifest.json").read_text())
     assert em["upstream"]["joint"] == m["fingerprint"]
     # the joint LM alone differs from the base LM; on this memorisable corpus the pair still beats the base
