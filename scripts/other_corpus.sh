@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-corpus=$(bash scripts/ood_corpus.sh)
+corpus=$(bash scripts/ood_corpus.sh --pages)
 exec .venv/bin/python -m mlpmem pipeline --config configs/demo.yaml --data.source "$corpus" \
   --out_dir runs/pydoc "$@"

@@ -32,3 +32,15 @@ def test_page_text_keeps_the_main_prose_only():
 def test_page_without_a_main_element_keeps_the_body():
     text = html_corpus.page_text("<html><body><p>One.</p><pre>code</pre><p>Two.</p></body></html>")
     assert text.splitlines() == ["One.", "Two."]
+
+
+def test_long_pages_are_cut_into_parts_at_paragraph_boundaries():
+    paras = [" ".join(f"w{i}_{j}" for j in range(30)) for i in range(10)]  # 10 paragraphs of 30 words
+    text = "\n".join(paras)
+    assert html_corpus.parts(text, 0, 150) == [text]  # off: the whole page
+    cut = html_corpus.parts(text, 100, 20)
+    assert [len(c.split()) for c in cut] == [120, 120, 60]  # >= 100 words each; the tail keeps its 60 (>= 20)
+    assert "\n".join(cut) == text  # nothing lost, nothing reordered, cuts only between paragraphs
+    cut = html_corpus.parts(text, 100, 80)
+    assert [len(c.split()) for c in cut] == [120, 180]  # a tail under --min-words joins the part before
+    assert html_corpus.parts(paras[0], 100, 20) == [paras[0]]  # a short page stays one document
