@@ -270,7 +270,7 @@ def test_pipeline_builds_the_datastore_from_the_finetuned_model(assets, tmp_path
     assert ftm2["fingerprint"] != ftm["fingerprint"] and ftm2["weights"] != ftm["weights"]
     capsys.readouterr()
     assert main(["extract", "--config", str(y), "--finetune.lr", "2e-3"]) == 2
-    assert "older inputs" in capsys.readouterr().err
+    assert "older inputs (finetune: rerun or changed since" in capsys.readouterr().err
     assert json.loads((cfg.run_dir / "datastore" / "manifest.json").read_text()) == ds  # left as it was
 
 

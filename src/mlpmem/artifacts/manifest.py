@@ -219,8 +219,13 @@ def should_skip(stage_dir: str | Path, stage: str, fp: str, force: bool, upstrea
     if inputs_changed and _rebuild_stale.get():
         log.info("%s: its inputs changed since %s was made; rebuilding it", stage, stage_dir)
         return None
-    why = ("was made from older inputs (an upstream stage was rerun since)" if inputs_changed else
-           "was made with other settings")
+    if inputs_changed:
+        was = m.get("upstream") or {}
+        changed = sorted(k for k in set(upstream) | set(was) if upstream.get(k) != was.get(k))
+        why = (f"was made from older inputs ({', '.join(changed)}: rerun or changed since; an input the stage "
+               "prepares itself, like eval's ood split, changes with its options)")
+    else:
+        why = "was made with other settings"
     raise StageError(f"{stage_dir} already holds {stage} output that {why}. Rerun `{command} --force` to rebuild "
                      "it (and the stages after it), `mlpmem pipeline` to rebuild what is stale, or choose another "
                      "--out_dir")
