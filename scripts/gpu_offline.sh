@@ -10,9 +10,10 @@
 #   there, call 2 (carry .gpu):   BUDGET=540 bash scripts/gpu_offline.sh run
 #
 # `run` assembles the GGUF (sha256-checked; without the first part gpu_check falls back to a random model), points
-# MLPMEM_CACHE at it, runs gpu_check.sh, then `mlpmem sweep --config configs/retriever-study.yaml` with the time
-# left (BUDGET seconds in all), and leaves gpu_check.tgz, study.tgz and run.log in $OUT, replaced as results come
-# in, so a call stopped at its limit still returns what finished.
+# MLPMEM_CACHE at it, runs gpu_check.sh (SKIP_CHECK=1: not), then `mlpmem sweep --config $STUDY_CONFIG` (default
+# configs/retriever-study.yaml; configs/scaling.yaml is the other study that wants a GPU) with the time left
+# (BUDGET seconds in all), and leaves gpu_check.tgz, study.tgz and run.log in $OUT, replaced as results come in, so
+# a call stopped at its limit still returns what finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,12 +68,14 @@ python3 -c 'import torch, transformers, faiss; print("torch", torch.__version__,
   "faiss", faiss.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tee -a "$OUT/run.log"
 
 # ---------------------------------------------------------------- 1. gpu_check (pipeline + bench)
+if [ "${SKIP_CHECK:-0}" != 1 ]; then
 log "gpu_check"
 OUT=$W/gc WORK=$W/gcwork PIPELINE_TIMEOUT=${PIPELINE_TIMEOUT:-200} BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} \
   timeout "${GC_TIMEOUT:-380}" bash scripts/gpu_check.sh >"$W/gc.out" 2>&1
 log "gpu_check rc=$?"
 mkdir -p "$W/gc"; cp "$W/gc.out" "$W/gc/"
 tar czf "$OUT/.gc.tgz" -C "$W" gc && mv "$OUT/.gc.tgz" "$OUT/gpu_check.tgz"
+fi
 
 # ---------------------------------------------------------------- 2. retriever study with the time left
 pack_study() {
@@ -82,8 +85,8 @@ pack_study() {
 }
 T=$(left)
 if [ "$T" -gt 60 ]; then
-  log "retriever study, ${T}s left"
-  timeout "$T" python3 -m mlpmem sweep --config configs/retriever-study.yaml --out_dir "$W/study" \
+  log "study ${STUDY_CONFIG:-configs/retriever-study.yaml}, ${T}s left"
+  timeout "$T" python3 -m mlpmem sweep --config "${STUDY_CONFIG:-configs/retriever-study.yaml}" --out_dir "$W/study" \
     --window.batch_size 32 ${STUDY_ARGS:-} >"$W/study.log" 2>&1 &
   SP=$!
   while kill -0 "$SP" 2>/dev/null; do sleep 20; pack_study; done
