@@ -101,6 +101,12 @@ def flag(value: bool | str | None, what: str) -> bool | None:
     raise ValueError(f"{what}: expected true, false or auto, got {value!r}")
 
 
+def keeps_gate(want: bool | None, lam: float | None, mem_temperature: float | None) -> bool:
+    """Whether a recorded gate mixes: asked for (True), or by default (None) unless a fixed λ or temperature is
+    given."""
+    return want is True or (want is None and lam is None and mem_temperature is None)
+
+
 def resolve_settings(memory: MLPMemory, lam: float | None, mem_temperature: float | None,
                      what: str = "lam", gate: bool | str | None = None,
                      gate_what: str = "gate") -> tuple[float, float, Any]:
@@ -124,9 +130,8 @@ def resolve_settings(memory: MLPMemory, lam: float | None, mem_temperature: floa
         raise ValueError(f"{what} is required: no tuned lambda is recorded for the memory {memory.source or ''} "
                          "(neither in its config, as `mlpmem export` writes it, nor in a run directory evaluated by "
                          "`mlpmem eval`)")
-    fixed_asked = lam is not None or mem_temperature is not None
+    use_gate = bool(settings.get("gate")) and keeps_gate(want, lam, mem_temperature)
     lam = float(lam) if lam is not None else settings["lam"]
-    use_gate = want is True or (want is None and bool(settings.get("gate")) and not fixed_asked)
     g = Gate.from_dict(settings["gate"]) if use_gate else None
     if g is not None:
         if mem_temperature is not None and float(mem_temperature) != g.T_mem:

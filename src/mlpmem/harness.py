@@ -33,7 +33,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from mlpmem.api import flag, identity_of, resolve_settings, run_tuned_settings
+from mlpmem.api import flag, identity_of, keeps_gate, resolve_settings, run_tuned_settings
 from mlpmem.components.hub import check_base, load_memory_for
 from mlpmem.components.joint import attach_memory, attached_memory
 from mlpmem.components.lm import model_identity, model_source, weights_digest
@@ -70,7 +70,7 @@ class MemoryLM(HFLM):
             if want is True and attached.gate is None:
                 raise ValueError("model_args: gate=true, but the attached memory mixes at a fixed λ "
                                  "(mlpmem.load(..., gate=True) attaches it with its gate)")
-            if want is False or (want is None and (lam is not None or mem_temperature is not None)):
+            if not keeps_gate(want, lam, mem_temperature):
                 attached.gate = None  # a fixed mixture asked for
             if lam is not None:
                 attached.lam = lam

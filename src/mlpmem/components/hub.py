@@ -73,15 +73,16 @@ def tuned(memory: MLPMemory, results: dict | None = None) -> dict:
     :class:`mlpmem.components.gate.Gate` as a dict) is there when eval fitted the per-token gate (memory+gate)
     and kept it because it beat the fixed λ on held-out validation documents."""
     t = (memory.config.meta or {}).get("tuned") or {}
-    if "lam" in t:
-        got = {"lam": float(t["lam"]), "mem_temperature": float(t.get("mem_temperature", 1.0))}
-        return {**got, "gate": t["gate"]} if t.get("gate") else got
     settings = (results or {}).get("settings") or {}
-    st, gate = settings.get(sy.MEMORY) or {}, (settings.get(sy.MEMORY_GATE) or {}).get("gate")
-    if "lam" in st:
-        got = {"lam": float(st["lam"]), "mem_temperature": float(st.get("T_mem", 1.0))}
-        return {**got, "gate": gate} if gate else got
-    return {}
+    st = settings.get(sy.MEMORY) or {}
+    if "lam" in t:
+        lam, temp, gate = t["lam"], t.get("mem_temperature", 1.0), t.get("gate")
+    elif "lam" in st:
+        lam, temp, gate = st["lam"], st.get("T_mem", 1.0), (settings.get(sy.MEMORY_GATE) or {}).get("gate")
+    else:
+        return {}
+    got = {"lam": float(lam), "mem_temperature": float(temp)}
+    return {**got, "gate": gate} if gate else got
 
 
 def _eval_results(results: dict | None, corpus: dict | None) -> list:
